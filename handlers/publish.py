@@ -1,0 +1,152 @@
+"""HTTP publishing: one event, or a batch validated whole before any is published.
+
+Limits (settings): ``max_event_bytes`` for one event's data (413 above),
+``max_batch_bytes`` and ``max_batch_events`` for a batch. Bodies are JSON or msgpack
+by Content-Type (415 otherwise); the reply follows the Accept header.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from tornado.web import stream_request_body
+
+from handlers.base import ApiHandler
+from server.broker.base import Published, PublishRequest
+from server.codec import Codec, media_codec
+from server.commands import MAX_KEY_LENGTH
+from server.errors import SquallError
+from server.topics import InvalidTopic, validate_pattern, validate_topic
+
+MAX_HISTORY_LIMIT = 10_000
+_HEADROOM = 64 * 1024  # bytes read past a limit before the connection is cut
+
+
+@stream_request_body
+class BodyHandler(ApiHandler):
+    """Reads a bounded request body; more than ``body_limit`` bytes is a 413."""
+
+    def body_limit(self) -> int:
+        raise NotImplementedError
+
+    def prepare(self) -> None:
+        self._chunks: list[bytes] = []
+        self._size = 0
+        limit = self.body_limit()
+        length = self.request.headers.get("Content-Length", "")
+        if length.isdigit() and int(length) > limit:
+            raise _too_large(limit)
+        if self.request.connection is not None:
+            self.request.connection.set_max_body_size(limit + _HEADROOM)  # type: ignore[attr-defined]
+
+    def data_received(self, chunk: bytes) -> None:
+        self._size += len(chunk)
+        if self._size <= self.body_limit():
+            self._chunks.append(chunk)
+
+    def decoded_body(self) -> tuple[Any, Codec]:
+        """The body as a value, and the codec it came in."""
+        if self._size > self.body_limit():
+            raise _too_large(self.body_limit())
+        codec = media_codec(self.request.headers.get("Content-Type"))
+        if codec is None:
+            raise SquallError("unsupported_media_type",
+                              "send application/json or application/msgpack")
+        return codec.loads(b"".join(self._chunks)), codec
+
+
+class TopicEventsHandler(BodyHandler):
+    """``/v1/topics/{topic}/events``: POST publishes the body as the event's data;
+    GET lists the retained history (``since``, ``limit``)."""
+
+    def body_limit(self) -> int:
+        return self.node.settings.max_event_bytes
+
+    async def post(self, topic: str) -> None:
+        topic = _topic(topic, self.node.settings.max_topic_length)
+        data, _ = self.decoded_body()
+        key = self.request.headers.get("Idempotency-Key")
+        if key is not None and not 0 < len(key) <= MAX_KEY_LENGTH:
+            raise SquallError("invalid_body", "Idempotency-Key must be 1 to "
+                              f"{MAX_KEY_LENGTH} characters")
+        [published] = await self.node.hub.publish([PublishRequest(topic, data, key)])
+        self.reply(202, _outcome(published))
+
+    async def get(self, topic: str) -> None:
+        try:
+            name = validate_pattern(topic, self.node.settings.max_topic_length)
+        except InvalidTopic as exc:
+            raise SquallError("invalid_topic", str(exc)) from None
+        since = self.get_query_argument("since", None)
+        limit = _limit(self.get_query_argument("limit", None))
+        replay = await self.node.broker.history(name, since, limit)
+        self.reply(200, {"topic": name, "events": [event.as_dict() for event in replay.events],
+                         "recovered": replay.recovered})
+
+
+class BatchHandler(BodyHandler):
+    """``POST /v1/events``: ``{"events": [{"topic", "data", "idempotency_key"?}, ...]}``."""
+
+    def body_limit(self) -> int:
+        return self.node.settings.max_batch_bytes
+
+    async def post(self) -> None:
+        body, codec = self.decoded_body()
+        requests = _batch(body, codec, self.node.settings)
+        published = await self.node.hub.publish(requests)
+        self.reply(202, {"events": [_outcome(outcome) for outcome in published]})
+
+
+def _batch(body: Any, codec: Codec, settings: Any) -> list[PublishRequest]:
+    if not isinstance(body, dict) or not isinstance(body.get("events"), list):
+        raise SquallError("invalid_body", 'the body must be {"events": [...]}')
+    entries = body["events"]
+    if not entries:
+        raise SquallError("invalid_body", "the batch has no events")
+    if len(entries) > settings.max_batch_events:
+        raise SquallError("payload_too_large", f"a batch holds at most "
+                          f"{settings.max_batch_events} events, got {len(entries)}")
+    return [_entry(index, entry, codec, settings) for index, entry in enumerate(entries)]
+
+
+def _entry(index: int, entry: Any, codec: Codec, settings: Any) -> PublishRequest:
+    where = f"events[{index}]"
+    if not isinstance(entry, dict) or "topic" not in entry or "data" not in entry:
+        raise SquallError("invalid_body", f'{where} must be {{"topic": ..., "data": ...}}')
+    try:
+        topic = validate_topic(entry["topic"], settings.max_topic_length)
+    except InvalidTopic as exc:
+        raise SquallError("invalid_topic", f"{where}: {exc}") from None
+    key = entry.get("idempotency_key")
+    if key is not None and not (isinstance(key, str) and 0 < len(key) <= MAX_KEY_LENGTH):
+        raise SquallError("invalid_body", f"{where}: idempotency_key must be a string of 1 "
+                          f"to {MAX_KEY_LENGTH} characters")
+    size = len(codec.dumps(entry["data"]))
+    if size > settings.max_event_bytes:
+        raise SquallError("payload_too_large", f"{where}: data is {size} bytes; the limit "
+                          f"is {settings.max_event_bytes}")
+    return PublishRequest(topic, entry["data"], key)
+
+
+def _topic(raw: str, max_length: int) -> str:
+    try:
+        return validate_topic(raw, max_length)
+    except InvalidTopic as exc:
+        raise SquallError("invalid_topic", str(exc)) from None
+
+
+def _limit(raw: str | None) -> int | None:
+    if raw is None:
+        return None
+    if not raw.isdigit() or not 0 < int(raw) <= MAX_HISTORY_LIMIT:
+        raise SquallError("invalid_body", f"limit must be a whole number from 1 to "
+                          f"{MAX_HISTORY_LIMIT}, got {raw[:20]!r}")
+    return int(raw)
+
+
+def _too_large(limit: int) -> SquallError:
+    return SquallError("payload_too_large", f"the body is larger than {limit} bytes")
+
+
+def _outcome(published: Published) -> dict[str, Any]:
+    return {"topic": published.topic, "id": published.id, "ts": published.ts}

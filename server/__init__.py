@@ -1,0 +1,1 @@
+"""Squall engine: routing, fan-out, history and brokers. Knows nothing of HTTP handlers."""

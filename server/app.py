@@ -1,0 +1,41 @@
+"""Wiring: the Tornado application for a node. No state lives here."""
+
+from __future__ import annotations
+
+import os
+from typing import Any
+
+from tornado.web import Application, StaticFileHandler
+
+from handlers.base import NotFoundHandler
+from handlers.info import HealthHandler, ReadyHandler, TopicsHandler
+from handlers.publish import BatchHandler, TopicEventsHandler
+from handlers.ws import SocketHandler
+from server.node import Node
+
+STATIC_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "static")
+
+
+def make_app(node: Node, **tornado_settings: Any) -> Application:
+    """The HTTP and WebSocket routes of ``node``, with its limits applied."""
+    settings = node.settings
+    deps = {"node": node}
+    routes: list[Any] = [
+        (r"/v1/topics/([^/]+)/events", TopicEventsHandler, deps),
+        (r"/v1/events", BatchHandler, deps),
+        (r"/v1/topics", TopicsHandler, deps),
+        (r"/v1/ws", SocketHandler, deps),
+        (r"/healthz", HealthHandler, deps),
+        (r"/readyz", ReadyHandler, deps),
+        (r"/()", StaticFileHandler, {"path": STATIC_DIR, "default_filename": "index.html"}),
+        (r"/static/(.*)", StaticFileHandler, {"path": STATIC_DIR}),
+    ]
+    return Application(
+        routes,
+        default_handler_class=NotFoundHandler,
+        default_handler_args=deps,
+        websocket_ping_interval=settings.ping_interval or None,
+        websocket_ping_timeout=settings.ping_timeout or None,
+        websocket_max_message_size=settings.max_frame_bytes,
+        **tornado_settings,
+    )

@@ -1,0 +1,1 @@
+"""Brokers: where events get ids, are retained, and reach every node."""

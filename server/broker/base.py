@@ -1,0 +1,115 @@
+"""The broker interface: where events get their ids, are retained, and come back from.
+
+A node publishes through its broker and receives every event (its own and other
+nodes') through the ``on_event`` callback the broker was started with. Brokers are
+chosen by URL (``memory://``, ``redis://host:6379/0``) with ``create_broker``.
+"""
+
+from __future__ import annotations
+
+import abc
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Any, NamedTuple
+
+from server.events import Event
+from server.history import Replay, Retention
+
+EventHandler = Callable[[Event], None]
+
+
+class PublishRequest(NamedTuple):
+    """One event to publish; ``idempotency_key`` makes a retry safe."""
+
+    topic: str
+    data: Any
+    idempotency_key: str | None = None
+
+
+class Published(NamedTuple):
+    """The outcome of one publish. ``duplicate``: a retry answered with the first id."""
+
+    topic: str
+    id: str
+    ts: int
+    duplicate: bool = False
+
+
+@dataclass(frozen=True)
+class BrokerOptions:
+    """Settings every broker honours."""
+
+    retention: Retention = field(default_factory=Retention)
+    timeout: float = 3.0
+    dedupe_window: float = 300.0
+    dedupe_max_keys: int = 100_000
+
+
+class Broker(abc.ABC):
+    """Publishes events, retains their history and hands every event to the node.
+
+    Guarantees every implementation keeps:
+
+    - Ids are unique, and increase in publish order within a topic and across the
+      whole broker, so one id also says where a pattern subscription stood.
+    - Events of one topic reach ``on_event`` in publish order, each once.
+    - ``publish`` returns only after the event is durable in the broker's history
+      and on its way to every node; it raises ``BrokerUnavailable`` when that cannot
+      be confirmed within ``options.timeout`` (the event may or may not have been
+      published: a retry with the same idempotency key is safe).
+    - ``history`` never returns part of a gap: every retained event after ``since``,
+      or ``recovered=False``.
+    """
+
+    def __init__(self, options: BrokerOptions) -> None:
+        self.options = options
+        self._on_event: EventHandler = _ignore
+
+    async def start(self, on_event: EventHandler) -> None:
+        """Connect, and from now on pass every event to ``on_event``."""
+        self._on_event = on_event
+
+    @abc.abstractmethod
+    async def close(self) -> None:
+        """Stop delivering and release connections; publishing after this fails."""
+
+    @abc.abstractmethod
+    async def publish(self, requests: Sequence[PublishRequest]) -> list[Published]:
+        """Publish a batch in order; all or, on ``BrokerUnavailable``, unknown."""
+
+    @abc.abstractmethod
+    async def history(self, name: str, since: str | None, limit: int | None = None) -> Replay:
+        """Retained events of a topic or pattern after ``since``, oldest first."""
+
+    @abc.abstractmethod
+    async def last_ids(self, topics: Sequence[str]) -> dict[str, str]:
+        """The newest retained id of each topic that has one."""
+
+    @abc.abstractmethod
+    async def retained_topics(self) -> list[str]:
+        """Topics with retained history."""
+
+    async def subscribe(self, name: str) -> None:  # noqa: B027 - optional hook
+        """The node's first local subscriber of a topic or pattern arrived."""
+
+    async def unsubscribe(self, name: str) -> None:  # noqa: B027 - optional hook
+        """The node's last local subscriber of a topic or pattern left."""
+
+    @property
+    def ready(self) -> bool:
+        """Whether the broker can publish now (for ``/readyz``)."""
+        return True
+
+
+def _ignore(event: Event) -> None:
+    pass
+
+
+def create_broker(url: str, options: BrokerOptions) -> Broker:
+    """The broker for ``url``; optional dependencies are imported only when used."""
+    scheme = url.split("://", 1)[0].lower()
+    if scheme == "memory":
+        from server.broker.memory import MemoryBroker
+
+        return MemoryBroker(options)
+    raise ValueError(f"unsupported broker URL scheme {scheme!r}; use memory://")

@@ -1,0 +1,81 @@
+"""The memory broker: one process, history in memory, ids from a local counter."""
+
+from __future__ import annotations
+
+import asyncio
+import secrets
+import time
+from collections.abc import Sequence
+
+from server.broker.base import Broker, BrokerOptions, EventHandler, Published, PublishRequest
+from server.dedupe import DedupeWindow
+from server.events import Event, EventId
+from server.history import MemoryHistory, Replay
+from server.tasks import every, stop, supervise
+
+_EPOCH_ALPHABET = "abcdefghijklmnopqrstuvwxyz0123456789"
+
+
+def new_epoch() -> str:
+    """A short random epoch; a new one per process start makes old ids unrecoverable."""
+    return "".join(secrets.choice(_EPOCH_ALPHABET) for _ in range(6))
+
+
+class MemoryBroker(Broker):
+    """A broker for a single process.
+
+    - Ids: ``<epoch>-<seq>``, a fresh random epoch per start; history does not
+      survive a restart, and ids from before it get ``recovered: false``.
+    - Publishing is synchronous inside ``publish``: the event is retained and handed
+      to ``on_event`` before the call returns, so it can never be unavailable.
+    - Nodes: only this one. ``--workers`` above 1 needs a shared broker.
+    """
+
+    def __init__(self, options: BrokerOptions) -> None:
+        super().__init__(options)
+        self.epoch = new_epoch()
+        self._history = MemoryHistory(options.retention, self.epoch)
+        self._dedupe: DedupeWindow[Published] = DedupeWindow(
+            options.dedupe_window, options.dedupe_max_keys)
+        self._seq = 0
+        self._sweeper: asyncio.Task[None] | None = None
+
+    async def start(self, on_event: EventHandler) -> None:
+        await super().start(on_event)
+        self._sweeper = supervise("memory-broker-sweeper", lambda: every(1.0, self._sweep))
+
+    async def close(self) -> None:
+        await stop(self._sweeper)
+
+    async def publish(self, requests: Sequence[PublishRequest]) -> list[Published]:
+        return [self._publish_one(request) for request in requests]
+
+    async def history(self, name: str, since: str | None, limit: int | None = None) -> Replay:
+        return self._history.since(name, since, limit)
+
+    async def last_ids(self, topics: Sequence[str]) -> dict[str, str]:
+        found = {topic: self._history.last_id(topic) for topic in topics}
+        return {topic: last for topic, last in found.items() if last is not None}
+
+    async def retained_topics(self) -> list[str]:
+        return list(self._history.topics())
+
+    def _publish_one(self, request: PublishRequest) -> Published:
+        key = request.idempotency_key
+        if key is not None:
+            first = self._dedupe.recall(request.topic, key)
+            if first is not None:
+                return first._replace(duplicate=True)
+        self._seq += 1
+        event = Event(request.topic, EventId(self.epoch, self._seq), int(time.time() * 1000),
+                      request.data)
+        self._history.append(event)
+        self._on_event(event)
+        published = Published(event.topic, event.id, event.ts)
+        if key is not None:
+            self._dedupe.remember(request.topic, key, published)
+        return published
+
+    def _sweep(self) -> None:
+        self._history.expire()
+        self._dedupe.expire()

@@ -1,0 +1,150 @@
+"""Wire formats: JSON and msgpack, and the WebSocket frame bytes built from them.
+
+Every payload a client sends is decoded here, and every error is a ``SquallError``
+with code ``invalid_body``: callers never see a parser's own exception types.
+"""
+
+from __future__ import annotations
+
+import base64
+import json
+import math
+import struct
+from dataclasses import dataclass
+from typing import Any
+
+import msgpack
+
+from server.errors import SquallError
+
+JSON_TYPES = ("application/json",)
+MSGPACK_TYPES = ("application/msgpack", "application/x-msgpack")
+
+_OPCODE_TEXT = 0x1
+_OPCODE_BINARY = 0x2
+_FIN = 0x80
+
+
+def _reject_constant(name: str) -> None:
+    raise ValueError(f"{name} is not valid JSON")
+
+
+_json_decoder = json.JSONDecoder(parse_constant=_reject_constant)
+_json_encoder = json.JSONEncoder(ensure_ascii=False, separators=(",", ":"), allow_nan=False)
+
+
+def json_safe(value: Any) -> Any:
+    """A copy of a msgpack value that JSON can carry.
+
+    bytes become base64 strings, non-string map keys strings, non-finite floats and
+    extension types null. Only called when plain encoding failed.
+    """
+    if isinstance(value, dict):
+        return {key if isinstance(key, str) else str(json_safe(key)): json_safe(item)
+                for key, item in value.items()}
+    if isinstance(value, list | tuple):
+        return [json_safe(item) for item in value]
+    if isinstance(value, bytes | bytearray):
+        return base64.b64encode(value).decode("ascii")
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, str | int | float | bool) or value is None:
+        return value
+    if isinstance(value, msgpack.Timestamp):
+        return value.to_unix_nano() // 1_000_000
+    return None
+
+
+def dump_json(value: Any) -> bytes:
+    """Compact UTF-8 JSON; values from msgpack that JSON lacks are converted."""
+    try:
+        return _json_encoder.encode(value).encode()
+    except (TypeError, ValueError):
+        return _json_encoder.encode(json_safe(value)).encode()
+
+
+def load_json(raw: bytes | str) -> Any:
+    """Parse strict JSON (no NaN/Infinity), or raise ``invalid_body``."""
+    try:
+        text = raw.decode("utf-8") if isinstance(raw, bytes | bytearray) else raw
+        return _json_decoder.decode(text)
+    except (ValueError, RecursionError) as exc:
+        raise SquallError("invalid_body", f"malformed JSON: {_first_line(exc)}") from None
+
+
+def dump_msgpack(value: Any) -> bytes:
+    return msgpack.packb(value, use_bin_type=True, datetime=False)
+
+
+def load_msgpack(raw: bytes) -> Any:
+    """Parse one msgpack value, or raise ``invalid_body``."""
+    try:
+        return msgpack.unpackb(raw, raw=False, strict_map_key=False)
+    except (ValueError, TypeError, RecursionError, msgpack.UnpackException) as exc:
+        raise SquallError("invalid_body", f"malformed msgpack: {_first_line(exc)}") from None
+
+
+def _first_line(exc: BaseException) -> str:
+    return (str(exc) or type(exc).__name__).splitlines()[0][:200]
+
+
+@dataclass(frozen=True, eq=False)
+class Codec:
+    """One wire format: how values become bytes and which WebSocket opcode carries them.
+
+    Codecs are singletons (``JSON``, ``MSGPACK``) compared and hashed by identity.
+    """
+
+    name: str
+    subprotocol: str
+    binary: bool
+
+    def dumps(self, value: Any) -> bytes:
+        return dump_msgpack(value) if self.binary else dump_json(value)
+
+    def loads(self, raw: bytes | str) -> Any:
+        if self.binary:
+            if isinstance(raw, str):
+                raise SquallError("invalid_body", "text frame on the msgpack subprotocol")
+            return load_msgpack(raw)
+        return load_json(raw)
+
+    def frame(self, value: Any) -> bytes:
+        """The complete unmasked WebSocket frame carrying ``value``."""
+        return ws_frame(self.dumps(value), self.binary)
+
+
+JSON = Codec("json", "squall.v1.json", binary=False)
+MSGPACK = Codec("msgpack", "squall.v1.msgpack", binary=True)
+CODECS = (JSON, MSGPACK)
+BY_SUBPROTOCOL = {codec.subprotocol: codec for codec in CODECS}
+
+
+def ws_frame(payload: bytes, binary: bool) -> bytes:
+    """A single final server-to-client frame (RFC 6455 5.2): header plus payload."""
+    first = _FIN | (_OPCODE_BINARY if binary else _OPCODE_TEXT)
+    length = len(payload)
+    if length < 126:
+        header = struct.pack("!BB", first, length)
+    elif length < 65536:
+        header = struct.pack("!BBH", first, 126, length)
+    else:
+        header = struct.pack("!BBQ", first, 127, length)
+    return header + payload
+
+
+def media_codec(content_type: str | None) -> Codec | None:
+    """The codec for a request's Content-Type (JSON when absent), None if unsupported."""
+    media = (content_type or "application/json").split(";", 1)[0].strip().lower()
+    if media in JSON_TYPES:
+        return JSON
+    if media in MSGPACK_TYPES:
+        return MSGPACK
+    return None
+
+
+def accept_codec(accept: str | None) -> Codec:
+    """The codec for a response: msgpack only when the client asked for it."""
+    if accept and any(media in accept.lower() for media in MSGPACK_TYPES):
+        return MSGPACK
+    return JSON

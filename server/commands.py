@@ -1,0 +1,126 @@
+"""Client frames turned into typed commands, with a clear error for every bad one."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+from server.errors import SquallError
+from server.topics import InvalidTopic, validate_pattern, validate_topic
+
+MAX_REF_LENGTH = 256
+MAX_KEY_LENGTH = 256
+
+
+class FrameError(SquallError):
+    """A bad client frame; ``ref`` is echoed in the error frame when it was readable."""
+
+    def __init__(self, code: str, message: str, ref: Any = None) -> None:
+        super().__init__(code, message)
+        self.ref = ref
+
+
+@dataclass(frozen=True)
+class Subscribe:
+    topic: str
+    since: str | None = None
+    ref: Any = None
+
+
+@dataclass(frozen=True)
+class Unsubscribe:
+    topic: str
+    ref: Any = None
+
+
+@dataclass(frozen=True)
+class Publish:
+    topic: str
+    data: Any
+    idempotency_key: str | None = None
+    ref: Any = None
+
+
+@dataclass(frozen=True)
+class Ping:
+    ref: Any = None
+
+
+Command = Subscribe | Unsubscribe | Publish | Ping
+
+
+def parse_command(frame: Any, max_topic_length: int) -> Command:
+    """The command in a decoded client frame; raises ``FrameError``."""
+    if not isinstance(frame, dict):
+        raise FrameError("invalid_body", "a frame must be an object with a 'type'")
+    ref = _ref(frame)
+    kind = frame.get("type")
+    try:
+        if kind == "subscribe":
+            return Subscribe(_name(frame, max_topic_length, pattern=True),
+                             _since(frame), ref)
+        if kind == "unsubscribe":
+            return Unsubscribe(_name(frame, max_topic_length, pattern=True), ref)
+        if kind == "publish":
+            if "data" not in frame:
+                raise SquallError("invalid_body", "publish frame has no 'data'")
+            return Publish(_name(frame, max_topic_length, pattern=False), frame["data"],
+                           _optional_text(frame, "idempotency_key", MAX_KEY_LENGTH), ref)
+        if kind == "ping":
+            return Ping(ref)
+    except SquallError as exc:
+        raise FrameError(exc.code, exc.message, ref) from None
+    if kind is None:
+        raise FrameError("invalid_body", "frame has no 'type'", ref)
+    raise FrameError("invalid_body", f"unknown frame type {str(kind)[:40]!r}; expected "
+                     "subscribe, unsubscribe, publish or ping", ref)
+
+
+def _ref(frame: dict[str, Any]) -> Any:
+    ref = frame.get("ref")
+    if ref is None or (isinstance(ref, int | float) and not isinstance(ref, bool)):
+        return ref
+    if isinstance(ref, str) and len(ref) <= MAX_REF_LENGTH:
+        return ref
+    raise FrameError("invalid_body", f"'ref' must be a number or a string of at most "
+                     f"{MAX_REF_LENGTH} characters")
+
+
+def _name(frame: dict[str, Any], max_length: int, pattern: bool) -> str:
+    if "topic" not in frame:
+        raise SquallError("invalid_body", f"{frame['type']} frame has no 'topic'")
+    try:
+        if pattern:
+            return validate_pattern(frame["topic"], max_length)
+        return validate_topic(frame["topic"], max_length)
+    except InvalidTopic as exc:
+        raise SquallError("invalid_topic", str(exc)) from None
+
+
+def _since(frame: dict[str, Any]) -> str | None:
+    """Any string: one that is not a known id is answered with ``recovered: false``."""
+    since = frame.get("since")
+    if since is None or isinstance(since, str):
+        return since
+    raise SquallError("invalid_body", "'since' must be an event id string")
+
+
+def _optional_text(frame: dict[str, Any], key: str, max_length: int) -> str | None:
+    value = frame.get(key)
+    if value is None:
+        return None
+    if not isinstance(value, str) or not value or len(value) > max_length:
+        raise SquallError("invalid_body",
+                          f"'{key}' must be a non-empty string of at most {max_length} characters")
+    return value
+
+
+def with_ref(message: dict[str, Any], ref: Any) -> dict[str, Any]:
+    """``message`` carrying the client's ``ref`` back, when it gave one."""
+    if ref is not None:
+        message["ref"] = ref
+    return message
+
+
+def error_frame(exc: SquallError, ref: Any = None) -> dict[str, Any]:
+    return with_ref({"type": "error", "code": exc.code, "message": exc.message}, ref)

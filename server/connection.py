@@ -1,0 +1,195 @@
+"""One subscriber connection: a byte-bounded send queue and its writer.
+
+Publishing never waits on a socket. ``enqueue`` appends ready-made frame bytes to the
+connection's queue in O(1); once per IOLoop pass the ``Flusher`` hands each
+connection that got data its whole queue as one write. When the socket's buffer in
+Tornado is empty the bytes go straight to ``socket.send``; what the kernel does not
+take (and everything while a previous write is still pending) goes through the
+IOStream, and the connection waits for that write to finish before the next one, so
+frames never interleave and at most one batch sits in Tornado's buffer.
+
+The queue counts queued plus in-flight bytes. Past ``max_queue_bytes`` the
+connection is a slow consumer: its queue is dropped and it is closed with 4008.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Callable
+from typing import Any, Protocol
+
+from tornado.iostream import IOStream, SSLIOStream, StreamClosedError
+
+from server.codec import Codec
+
+log = logging.getLogger("squall.connection")
+
+CLOSE_SLOW_CONSUMER = 4008
+
+
+class Transport(Protocol):
+    """The socket side of a connection (the WebSocket handler implements it)."""
+
+    def writable_stream(self) -> IOStream | None:
+        """The stream to write frames to, or None once the connection is closing."""
+
+    def close_transport(self, code: int, reason: str) -> None:
+        """Start the closing handshake with ``code``; frames queued after are dropped."""
+
+
+class Flusher:
+    """Writes every connection that got data during this loop pass, once, next pass."""
+
+    def __init__(self) -> None:
+        self._dirty: list[Connection] = []
+        self._loop: asyncio.AbstractEventLoop | None = None
+
+    def mark(self, connection: Connection) -> None:
+        if not self._dirty:
+            if self._loop is None:
+                self._loop = asyncio.get_running_loop()
+            self._loop.call_soon(self._flush)
+        self._dirty.append(connection)
+
+    def _flush(self) -> None:
+        dirty, self._dirty = self._dirty, []
+        for connection in dirty:
+            connection.flush()
+
+
+class Connection:
+    """A subscriber's outgoing side. Single-threaded: use from the IOLoop only."""
+
+    __slots__ = ("__weakref__", "_flusher", "_inflight", "_marked", "_pending", "_queued",
+                 "_transport", "_writing", "closed", "codec", "hold", "info", "max_queue_bytes",
+                 "on_slow", "subscriptions")
+
+    def __init__(self, transport: Transport, codec: Codec, flusher: Flusher,
+                 max_queue_bytes: int, info: Any = None,
+                 on_slow: Callable[[Connection], None] | None = None) -> None:
+        self.codec = codec
+        self.info = info
+        self.max_queue_bytes = max_queue_bytes
+        self.on_slow = on_slow
+        self.closed = False
+        # owned by the hub: subscribed names, and live events held back during a replay
+        self.subscriptions: dict[str, None] = {}
+        self.hold: Any = None
+        self._transport = transport
+        self._flusher = flusher
+        self._pending: list[bytes] = []
+        self._queued = 0
+        self._inflight = 0
+        self._marked = False
+        self._writing = False
+
+    @property
+    def queued_bytes(self) -> int:
+        """Bytes waiting in this connection's queue or in flight to its socket."""
+        return self._queued
+
+    def enqueue(self, frame: bytes) -> None:
+        """Queue one complete frame for sending. O(1); never blocks or raises."""
+        if self.closed:
+            return
+        queued = self._queued + len(frame)
+        if queued > self.max_queue_bytes:
+            self._overflow()
+            return
+        self._queued = queued
+        self._pending.append(frame)
+        if not self._marked:
+            self._marked = True
+            self._flusher.mark(self)
+
+    def send(self, message: dict[str, Any]) -> None:
+        """Encode and queue a control message (replies, errors) in this codec."""
+        self.enqueue(self.codec.frame(message))
+
+    def close(self, code: int, reason: str, drain: bool = False) -> None:
+        """Close the transport with ``code``; queued frames go first if ``drain``."""
+        if self.closed:
+            return
+        if drain:
+            self._drain()
+        self.mark_closed()
+        self._transport.close_transport(code, reason)
+
+    def _drain(self) -> None:
+        stream = self._transport.writable_stream()
+        if stream is None or not self._pending:
+            return
+        data = b"".join(self._pending)
+        self._pending.clear()
+        try:
+            stream.write(data)  # behind any write in flight: the stream keeps the order
+        except StreamClosedError:
+            return
+
+    def mark_closed(self) -> None:
+        """The transport closed: stop writing and release the queue."""
+        self.closed = True
+        self._pending.clear()
+        self._queued = self._inflight
+
+    def flush(self) -> None:
+        """Write the whole queue in one go (called by the Flusher)."""
+        self._marked = False
+        if self._writing or self.closed or not self._pending:
+            return
+        stream = self._transport.writable_stream()
+        if stream is None:
+            self.mark_closed()
+            return
+        pending = self._pending
+        data = pending[0] if len(pending) == 1 else b"".join(pending)
+        pending.clear()
+        sent = self._send_direct(stream, data)
+        if sent < 0:
+            return
+        self._queued -= sent
+        if sent < len(data):
+            self._write_through_stream(stream, memoryview(data)[sent:] if sent else data)
+
+    def _send_direct(self, stream: IOStream, data: bytes) -> int:
+        """Bytes the kernel took without Tornado's help; -1 if the socket is gone."""
+        if stream.writing() or isinstance(stream, SSLIOStream):
+            return 0
+        try:
+            return stream.socket.send(data)
+        except (BlockingIOError, InterruptedError):
+            return 0
+        except OSError:
+            self.mark_closed()
+            stream.close()
+            return -1
+
+    def _write_through_stream(self, stream: IOStream, data: bytes | memoryview) -> None:
+        self._writing = True
+        self._inflight = len(data)
+        try:
+            future = stream.write(data)
+        except StreamClosedError:
+            self._writing = False
+            self.mark_closed()
+            return
+        future.add_done_callback(self._on_written)
+
+    def _on_written(self, future: asyncio.Future[None]) -> None:
+        self._writing = False
+        self._queued -= self._inflight
+        self._inflight = 0
+        if future.cancelled() or future.exception() is not None:
+            self.mark_closed()
+            return
+        if self._pending and not self._marked and not self.closed:
+            self._marked = True
+            self._flusher.mark(self)
+
+    def _overflow(self) -> None:
+        queued = self._queued
+        log.info("closing slow consumer %s: %d bytes queued", self.info, queued)
+        self.close(CLOSE_SLOW_CONSUMER, "slow consumer")
+        if self.on_slow is not None:
+            self.on_slow(self)

@@ -1,0 +1,203 @@
+"""Bounded in-memory event history and ``since`` lookups.
+
+Retention per topic is bounded by count and age; all topics together are bounded by
+a number of topics and a number of bytes, evicting the least recently published
+topic first. A lookup either returns every retained event after an id or says that
+the gap cannot be filled (``recovered=False``); it never returns part of a gap.
+
+To answer "was anything after X lost?" for topics that are no longer retained, the
+history keeps a bounded tombstone per forgotten topic (the seq of its last event)
+and one watermark for tombstones it had to forget as well.
+"""
+
+from __future__ import annotations
+
+import heapq
+import time
+from collections import OrderedDict, deque
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from typing import NamedTuple
+
+from server.events import Event, EventId
+from server.topics import is_pattern, matches
+
+
+@dataclass(frozen=True)
+class Retention:
+    """History bounds. ``size`` 0 keeps no history; ``ttl`` 0 means no age limit."""
+
+    size: int = 100
+    ttl: float = 300.0
+    max_topics: int = 10_000
+    max_bytes: int = 64 * 1024 * 1024
+
+
+class Replay(NamedTuple):
+    """The answer to a ``since`` lookup: the events after it, oldest first."""
+
+    events: list[Event]
+    recovered: bool
+
+
+class _TopicLog:
+    __slots__ = ("bytes", "events", "trimmed_upto")
+
+    def __init__(self) -> None:
+        self.events: deque[Event] = deque()
+        self.bytes = 0
+        self.trimmed_upto = 0  # seq of the newest event this topic dropped
+
+    def drop_oldest(self) -> int:
+        event = self.events.popleft()
+        size = event.size
+        self.bytes -= size
+        self.trimmed_upto = event.seq
+        return size
+
+    @property
+    def last_seq(self) -> int:
+        return self.events[-1].seq if self.events else self.trimmed_upto
+
+
+class MemoryHistory:
+    """Per-topic event logs for one epoch of ids. Use from the IOLoop only."""
+
+    def __init__(self, retention: Retention, epoch: str,
+                 clock: Callable[[], float] = time.time) -> None:
+        self.retention = retention
+        self.epoch = epoch
+        self._clock = clock
+        self._logs: OrderedDict[str, _TopicLog] = OrderedDict()  # least recent first
+        self._tombstones: OrderedDict[str, int] = OrderedDict()
+        self._forgotten_upto = 0
+        self._bytes = 0
+        self.last_seq = 0
+
+    @property
+    def bytes(self) -> int:
+        return self._bytes
+
+    def __len__(self) -> int:
+        return len(self._logs)
+
+    def append(self, event: Event) -> None:
+        """Retain ``event``, the newest of its epoch, and enforce every bound."""
+        self.last_seq = event.seq
+        log = self._logs.get(event.topic)
+        if log is None:
+            log = self._logs[event.topic] = _TopicLog()
+            log.trimmed_upto = self._tombstones.pop(event.topic, self._forgotten_upto)
+        else:
+            self._logs.move_to_end(event.topic)
+        log.events.append(event)
+        log.bytes += event.size
+        self._bytes += event.size
+        self._trim(event.topic, log)
+        self._evict_topics()
+
+    def since(self, name: str, since: str | None, limit: int | None = None) -> Replay:
+        """Retained events of a topic or pattern after ``since`` (or all retained)."""
+        self.expire()
+        after = 0
+        if since is not None:
+            parsed = EventId.parse(since)
+            if parsed is None or parsed.epoch != self.epoch or parsed.seq > self.last_seq:
+                return Replay([], False)
+            after = parsed.seq
+            if not self._covers(name, after):
+                return Replay([], False)
+        streams = [self._after(log, after) for log in self._logs_for(name)]
+        events = list(heapq.merge(*streams, key=lambda event: event.seq))
+        return Replay(events[:limit] if limit is not None else events, True)
+
+    def last_id(self, topic: str) -> str | None:
+        log = self._logs.get(topic)
+        if log is None or not log.events:
+            return None
+        return log.events[-1].id
+
+    def topics(self) -> Iterator[str]:
+        """Topics with retained events."""
+        self.expire()
+        return iter(list(self._logs))
+
+    def expire(self) -> None:
+        """Forget topics whose newest event is older than the ttl.
+
+        Topics are kept in order of their last publish, so this stops at the first
+        live one. Older events of live topics are dropped when the topic is next
+        published to or read.
+        """
+        if not self.retention.ttl:
+            return
+        deadline = self._deadline()
+        while self._logs:
+            topic, log = next(iter(self._logs.items()))
+            if log.events[-1].ts >= deadline:
+                return
+            self._forget(topic)
+
+    def _expire_log(self, log: _TopicLog) -> None:
+        if not self.retention.ttl:
+            return
+        deadline = self._deadline()
+        while len(log.events) > 1 and log.events[0].ts < deadline:
+            self._bytes -= log.drop_oldest()
+
+    def _deadline(self) -> int:
+        return int((self._clock() - self.retention.ttl) * 1000)
+
+    def _trim(self, topic: str, log: _TopicLog) -> None:
+        while len(log.events) > self.retention.size:
+            self._bytes -= log.drop_oldest()
+        self._expire_log(log)
+        if not log.events:
+            self._forget(topic)
+
+    def _evict_topics(self) -> None:
+        while self._logs and (len(self._logs) > self.retention.max_topics
+                              or self._bytes > self.retention.max_bytes):
+            topic, log = next(iter(self._logs.items()))
+            if len(self._logs) == 1 and len(log.events) > 1:
+                self._bytes -= log.drop_oldest()  # one topic alone is over the byte bound
+            else:
+                self._forget(topic)
+
+    def _forget(self, topic: str) -> None:
+        log = self._logs.pop(topic)
+        self._bytes -= log.bytes
+        self._tombstones[topic] = log.last_seq
+        self._tombstones.move_to_end(topic)
+        while len(self._tombstones) > max(self.retention.max_topics, 1):
+            _, seq = self._tombstones.popitem(last=False)
+            self._forgotten_upto = max(self._forgotten_upto, seq)
+
+    def _logs_for(self, name: str) -> list[_TopicLog]:
+        if is_pattern(name):
+            logs = [log for topic, log in self._logs.items() if matches(name, topic)]
+        else:
+            log = self._logs.get(name)
+            logs = [log] if log is not None else []
+        for log in logs:
+            self._expire_log(log)
+        return logs
+
+    def _covers(self, name: str, after: int) -> bool:
+        """Whether no event after seq ``after`` on ``name`` was dropped."""
+        if any(log.trimmed_upto > after for log in self._logs_for(name)):
+            return False
+        if not is_pattern(name):
+            return name in self._logs or self._tombstones.get(name, self._forgotten_upto) <= after
+        return self._forgotten_upto <= after and all(
+            seq <= after for topic, seq in self._tombstones.items() if matches(name, topic))
+
+    @staticmethod
+    def _after(log: _TopicLog, after: int) -> list[Event]:
+        found: list[Event] = []
+        for event in reversed(log.events):
+            if event.seq <= after:
+                break
+            found.append(event)
+        found.reverse()
+        return found

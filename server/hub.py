@@ -1,0 +1,174 @@
+"""The hub: this node's subscribers, and the fan-out of every event to them.
+
+``deliver`` is the broker's ``on_event``: it matches the topic, takes each codec's
+frame bytes from the event (encoded once, shared by all) and enqueues them on every
+matching connection. It never awaits and never raises into the broker.
+
+A subscribe with ``since`` replays history before live events. While a connection
+has a replay under way, its live events are held back (bounded by its queue limit)
+and released after the replay, minus those the replay already carried: no gap, no
+duplicate, whatever the broker's latency.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+from server import signals
+from server.broker.base import Broker, Published, PublishRequest
+from server.commands import with_ref
+from server.connection import CLOSE_SLOW_CONSUMER, Connection, Flusher
+from server.errors import SquallError
+from server.events import Event
+from server.router import Router
+
+log = logging.getLogger("squall.hub")
+
+
+@dataclass
+class _Hold:
+    """Live events kept back from a connection while replays are under way."""
+
+    replays: int = 0
+    events: list[Event] = field(default_factory=list)
+    bytes: int = 0
+    replayed: set[str] = field(default_factory=set)
+
+
+class Hub:
+    """This node's registry of connections and subscriptions. IOLoop only."""
+
+    def __init__(self, broker: Broker, max_subscriptions: int = 100) -> None:
+        self.broker = broker
+        self.max_subscriptions = max_subscriptions
+        self.router: Router[Connection] = Router()
+        self.flusher = Flusher()
+        self.connections: set[Connection] = set()
+        self.delivered = 0
+        self._edges: set[asyncio.Task[None]] = set()
+
+    # -- connections ---------------------------------------------------------
+
+    def attach(self, connection: Connection) -> None:
+        self.connections.add(connection)
+        connection.on_slow = self._on_slow
+
+    def forget(self, connection: Connection) -> None:
+        """Forget a closed connection and every subscription it had."""
+        connection.mark_closed()
+        self.connections.discard(connection)
+        for name in list(connection.subscriptions):
+            self._remove(connection, name)
+
+    def close_all(self, code: int, reason: str) -> None:
+        """Close every connection (shutdown), letting queued frames go first."""
+        for connection in list(self.connections):
+            connection.close(code, reason, drain=True)
+
+    # -- publishing and fan-out ---------------------------------------------
+
+    async def publish(self, requests: Sequence[PublishRequest]) -> list[Published]:
+        """Publish through the broker; raises ``SquallError`` (e.g. unavailable)."""
+        return await self.broker.publish(requests)
+
+    def deliver(self, event: Event) -> None:
+        """Fan ``event`` out to every matching local connection. Never blocks."""
+        subscribers = self.router.match(event.topic)
+        if not subscribers:
+            return
+        for connection in subscribers:
+            if connection.hold is not None:
+                self._hold_back(connection, event)
+            else:
+                connection.enqueue(event.frame(connection.codec))
+        self.delivered += len(subscribers)
+
+    # -- subscriptions -------------------------------------------------------
+
+    async def subscribe(self, connection: Connection, name: str, since: str | None = None,
+                        ref: Any = None) -> None:
+        """Subscribe and answer: replayed events (with ``since``), then ``subscribed``."""
+        if (name not in connection.subscriptions
+                and len(connection.subscriptions) >= self.max_subscriptions):
+            raise SquallError("too_many_subscriptions",
+                              f"a connection may hold {self.max_subscriptions} subscriptions")
+        reply = with_ref({"type": "subscribed", "topic": name}, ref)
+        if since is None:
+            await self._add(connection, name)
+            connection.send(reply)
+        else:
+            await self._add_with_replay(connection, name, since, reply)
+        signals.subscribed.send(self, client=connection.info, topic=name)
+
+    async def unsubscribe(self, connection: Connection, name: str, ref: Any = None) -> None:
+        if name not in connection.subscriptions:
+            raise SquallError("not_found", f"not subscribed to {name!r}")
+        self._remove(connection, name)
+        connection.send(with_ref({"type": "unsubscribed", "topic": name}, ref))
+        signals.unsubscribed.send(self, client=connection.info, topic=name)
+
+    def subscriber_counts(self) -> dict[str, int]:
+        """Local subscribers per subscribed name (topics and patterns)."""
+        return dict(self.router.names())
+
+    async def _add(self, connection: Connection, name: str) -> None:
+        connection.subscriptions[name] = None
+        if self.router.add(name, connection):
+            await self.broker.subscribe(name)
+
+    def _remove(self, connection: Connection, name: str) -> None:
+        connection.subscriptions.pop(name, None)
+        if self.router.remove(name, connection):
+            task = asyncio.get_running_loop().create_task(self.broker.unsubscribe(name))
+            self._edges.add(task)
+            task.add_done_callback(self._edge_done)
+
+    def _edge_done(self, task: asyncio.Task[None]) -> None:
+        self._edges.discard(task)
+        if not task.cancelled() and task.exception() is not None:
+            log.error("broker unsubscribe failed", exc_info=task.exception())
+
+    async def _add_with_replay(self, connection: Connection, name: str, since: str,
+                               reply: dict[str, Any]) -> None:
+        hold = connection.hold
+        if hold is None:
+            hold = connection.hold = _Hold()
+        hold.replays += 1
+        try:
+            await self._add(connection, name)
+            replay = await self.broker.history(name, since)
+        except BaseException:
+            self._release(connection, hold)
+            raise
+        for event in replay.events:
+            hold.replayed.add(event.id)
+            connection.enqueue(event.frame(connection.codec))
+        reply["recovered"] = replay.recovered
+        connection.send(reply)
+        self._release(connection, hold)
+
+    def _hold_back(self, connection: Connection, event: Event) -> None:
+        hold: _Hold = connection.hold
+        hold.events.append(event)
+        hold.bytes += event.size
+        if hold.bytes > connection.max_queue_bytes:
+            connection.close(CLOSE_SLOW_CONSUMER, "slow consumer")
+            self._on_slow(connection)
+
+    def _release(self, connection: Connection, hold: _Hold) -> None:
+        hold.replays -= 1
+        if hold.replays:
+            return
+        connection.hold = None
+        for event in hold.events:
+            if event.id not in hold.replayed:
+                connection.enqueue(event.frame(connection.codec))
+
+    def _on_slow(self, connection: Connection) -> None:
+        signals.slow_consumer_closed.send(self, client=connection.info,
+                                          queued_bytes=connection.queued_bytes)
+
