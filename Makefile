@@ -32,5 +32,15 @@ typecheck: $(VENV)/.installed-test
 pytest: $(VENV)/.installed-test
 	$(BIN)/pytest $(ARGS)
 
+$(VENV)/.installed-bench: pyproject.toml | $(BIN)/python
+	$(BIN)/pip install --quiet -e '.[bench]'
+	touch $@
+
+bench: $(VENV)/.installed-bench  ## fan-out benchmark vs a Tornado baseline and nchan
+	$(BIN)/python bench/run.py $(ARGS)
+
+test-container:  ## build the image with podman and smoke-test it (as root)
+	bash scripts/container/smoke.sh
+
 clean:
 	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache .hypothesis

@@ -119,6 +119,7 @@ class SocketHandler(WebSocketHandler):
         self.bad_frames += 1
         if self.bad_frames > self.node.settings.max_bad_frames:
             connection.close(CLOSE_PROTOCOL_ABUSE, "too many bad frames", drain=True)
+            self.node.hub.forget(connection)
             return
         connection.send(error_frame(exc, ref))
 

@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import logging
 import os
+from collections.abc import Callable
 from typing import Any
 
-from tornado.web import Application, StaticFileHandler
+from tornado.web import Application, RequestHandler, StaticFileHandler
 
 from handlers.base import NotFoundHandler
 from handlers.info import HealthHandler, ReadyHandler, TopicsHandler
@@ -13,7 +15,28 @@ from handlers.publish import BatchHandler, TopicEventsHandler
 from handlers.ws import SocketHandler
 from server.node import Node
 
+access_log = logging.getLogger("squall.access")
+
 STATIC_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "static")
+
+
+def access_logger(enabled: bool) -> Callable[[RequestHandler], None]:
+    """One line per HTTP request (a WebSocket counts once, at its handshake)."""
+
+    def log_request(handler: RequestHandler) -> None:
+        if not enabled:
+            return
+        status = handler.get_status()
+        level = logging.INFO if status < 400 else logging.WARNING
+        if status >= 500:
+            level = logging.ERROR
+        request = handler.request
+        duration = 1000.0 * request.request_time()
+        access_log.log(level, "%d %s %s %.1fms", status, request.method, request.uri, duration,
+                       extra={"status": status, "method": request.method, "path": request.path,
+                              "ip": request.remote_ip, "duration_ms": round(duration, 2)})
+
+    return log_request
 
 
 def make_app(node: Node, **tornado_settings: Any) -> Application:
@@ -37,5 +60,6 @@ def make_app(node: Node, **tornado_settings: Any) -> Application:
         websocket_ping_interval=settings.ping_interval or None,
         websocket_ping_timeout=settings.ping_timeout or None,
         websocket_max_message_size=settings.max_frame_bytes,
+        log_function=access_logger(settings.access_log),
         **tornado_settings,
     )

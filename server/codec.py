@@ -17,7 +17,8 @@ import msgpack
 
 from server.errors import SquallError
 
-JSON_TYPES = ("application/json",)
+# curl -d sends application/x-www-form-urlencoded; a body it sends is taken as JSON
+JSON_TYPES = ("application/json", "application/x-www-form-urlencoded")
 MSGPACK_TYPES = ("application/msgpack", "application/x-msgpack")
 
 _OPCODE_TEXT = 0x1

@@ -169,6 +169,8 @@ class Hub:
                 connection.enqueue(event.frame(connection.codec))
 
     def _on_slow(self, connection: Connection) -> None:
+        # called from inside the fan-out loop: forget after it, not during it
+        asyncio.get_running_loop().call_soon(self.forget, connection)
         signals.slow_consumer_closed.send(self, client=connection.info,
                                           queued_bytes=connection.queued_bytes)
 

@@ -212,8 +212,9 @@ class WorkQueue(Generic[T]):
     def _warn_full(self) -> None:
         if self._full_warning.ready():
             held, self._full_warning.held = self._full_warning.held, 0
-            self.logger.warning("queue %s is full (%d items): dropping; %d more dropped "
-                              "since the last warning", self.name, self.max_size, held)
+            self.logger.warning("queue %s is full (%d items): dropping an item "
+                              "(%d more dropped since the last warning)",
+                              self.name, self.max_size, held)
 
 
 @dataclass(slots=True)
@@ -274,15 +275,16 @@ class AsyncRunner:
 
     async def _run(self, call: _Call) -> None:
         receiver = cast(Callable[..., Awaitable[object]], call.receiver)
+        deadline = asyncio.timeout(self.receiver_timeout)
         try:
-            await asyncio.wait_for(
-                receiver(signal=call.signal, sender=call.sender, **call.kwargs),
-                self.receiver_timeout)
-        except TimeoutError:
-            log.error("receiver %s of signal %s did not finish in %s s; cancelled",
-                      call.who, call.signal.name, self.receiver_timeout)
+            async with deadline:
+                await receiver(signal=call.signal, sender=call.sender, **call.kwargs)
         except Exception:
-            log.exception("receiver %s of signal %s failed", call.who, call.signal.name)
+            if deadline.expired():
+                log.error("receiver %s of signal %s did not finish in %s s; cancelled",
+                          call.who, call.signal.name, self.receiver_timeout)
+            else:
+                log.exception("receiver %s of signal %s failed", call.who, call.signal.name)
 
 
 default_runner = AsyncRunner()

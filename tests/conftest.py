@@ -1,0 +1,137 @@
+"""Shared fixtures: a real Squall node on an ephemeral port, and real clients.
+
+``app`` builds a node from ``squall_settings`` (override that fixture, or use the
+``settings`` marker, to change limits); pytest-tornado serves it on ``http_port``
+once a test asks for ``http_server``. ``ws_connect`` opens real WebSocket clients
+(the ``websockets`` package) and closes them all after the test.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from collections.abc import Awaitable, Callable, Iterator
+from typing import Any
+
+import msgpack
+import pytest
+import websockets
+from tornado.httpclient import AsyncHTTPClient, HTTPResponse
+from tornado.ioloop import IOLoop
+from tornado.web import Application
+
+from config.settings import Settings
+from server.app import make_app
+from server.node import Node
+
+TIMEOUT = 10.0
+
+
+@pytest.fixture
+def squall_settings(request: pytest.FixtureRequest) -> Settings:
+    """Settings for the node under test; ``@pytest.mark.settings(k=v)`` overrides."""
+    marker = request.node.get_closest_marker("settings")
+    overrides = dict(marker.kwargs) if marker else {}
+    overrides.setdefault("ping_interval", 0)
+    return Settings(**overrides)
+
+
+@pytest.fixture
+def node(squall_settings: Settings, io_loop: IOLoop) -> Any:
+    node = Node(squall_settings)
+    io_loop.run_sync(node.start)
+    yield node
+    io_loop.run_sync(node.broker.close)
+
+
+@pytest.fixture
+def app(node: Node) -> Application:
+    return make_app(node)
+
+
+@pytest.fixture
+def ws_url(http_server: Any, http_port: int) -> str:
+    return f"ws://127.0.0.1:{http_port}/v1/ws"
+
+
+class Client:
+    """A real WebSocket client speaking one of Squall's subprotocols."""
+
+    def __init__(self, socket: websockets.ClientConnection, binary: bool) -> None:
+        self.socket = socket
+        self.binary = binary
+
+    async def send(self, frame: dict[str, Any]) -> None:
+        await self.socket.send(msgpack.packb(frame) if self.binary else json.dumps(frame))
+
+    async def recv(self, timeout: float = TIMEOUT) -> dict[str, Any]:
+        raw = await asyncio.wait_for(self.socket.recv(), timeout)
+        frame = msgpack.unpackb(raw) if self.binary else json.loads(raw)
+        assert isinstance(frame, dict)
+        return frame
+
+    async def recv_type(self, kind: str, timeout: float = TIMEOUT) -> dict[str, Any]:
+        frame = await self.recv(timeout)
+        assert frame["type"] == kind, frame
+        return frame
+
+    async def subscribe(self, topic: str, **fields: Any) -> dict[str, Any]:
+        await self.send({"type": "subscribe", "topic": topic, **fields})
+        return await self.recv_type("subscribed")
+
+    async def events(self, count: int, timeout: float = TIMEOUT) -> list[dict[str, Any]]:
+        return [await self.recv_type("event", timeout) for _ in range(count)]
+
+    async def closed_with(self, timeout: float = TIMEOUT) -> int | None:
+        """Read until the server closes; the close code it sent."""
+        try:
+            while True:
+                await asyncio.wait_for(self.socket.recv(), timeout)
+        except websockets.ConnectionClosed as closed:
+            return closed.rcvd.code if closed.rcvd else None
+
+
+Connect = Callable[..., Awaitable[Client]]
+
+
+@pytest.fixture
+def ws_connect(ws_url: str, io_loop: IOLoop) -> Iterator[Connect]:
+    """Open clients with ``await ws_connect(query="topic=a", codec="msgpack")``."""
+    opened: list[Client] = []
+
+    async def connect(query: str = "", codec: str = "json", **options: Any) -> Client:
+        url = f"{ws_url}?{query}" if query else ws_url
+        socket = await websockets.connect(url, subprotocols=[f"squall.v1.{codec}"],
+                                          open_timeout=TIMEOUT, **options)
+        client = Client(socket, codec == "msgpack")
+        opened.append(client)
+        return client
+
+    yield connect
+
+    async def close_all() -> None:
+        for client in opened:
+            await client.socket.close()
+
+    io_loop.run_sync(close_all)
+
+
+@pytest.fixture
+def publish(http_client: AsyncHTTPClient, base_url: str) -> Callable[..., Awaitable[HTTPResponse]]:
+    """POST an event over HTTP: ``await publish("topic", {"data": 1})``; never raises."""
+
+    async def post(topic: str, data: Any = None, *, body: bytes | None = None,
+                   headers: dict[str, str] | None = None) -> HTTPResponse:
+        if body is None:
+            body = json.dumps(data).encode()
+        headers = {"Content-Type": "application/json", **(headers or {})}
+        return await http_client.fetch(f"{base_url}/v1/topics/{topic}/events", method="POST",
+                                       body=body, headers=headers, raise_error=False)
+
+    return post
+
+
+def body_of(response: HTTPResponse) -> Any:
+    if response.headers.get("Content-Type", "").startswith("application/msgpack"):
+        return msgpack.unpackb(response.body)
+    return json.loads(response.body)

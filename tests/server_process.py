@@ -1,0 +1,79 @@
+"""A real ``python run.py`` process on an ephemeral port, for tests from the outside."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import subprocess
+import sys
+import threading
+import urllib.request
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+_LISTENING = re.compile(r"listening on http://[^:]+:(\d+)")
+
+
+class ServerProcess:
+    """Starts ``run.py`` with flags, learns its port from the log, stops it on exit."""
+
+    def __init__(self, *flags: str, env: dict[str, str] | None = None) -> None:
+        # the port is read from the "listening" line, logged at info level
+        self.flags = ["--port", "0", "--host", "127.0.0.1", *flags, "--log-level", "info",
+                      "--access-log", "false"]
+        self.env = {**os.environ, **(env or {})}
+        self.process: subprocess.Popen[str] | None = None
+        self.port = 0
+        self.log: list[str] = []
+        self._listening = threading.Event()
+
+    def start(self, timeout: float = 20.0) -> ServerProcess:
+        self.process = subprocess.Popen(
+            [sys.executable, str(ROOT / "run.py"), *self.flags], cwd=ROOT, env=self.env,
+            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        self._reader = threading.Thread(target=self._read_log, daemon=True)
+        self._reader.start()
+        if not self._listening.wait(timeout) or not self.port:
+            self.stop()
+            raise RuntimeError("server did not start: " + "".join(self.log))
+        return self
+
+    def _read_log(self) -> None:
+        """Keep draining the server's output, so it never blocks on a full pipe."""
+        assert self.process is not None and self.process.stdout is not None
+        for line in self.process.stdout:
+            self.log.append(line)
+            found = _LISTENING.search(line)
+            if found and not self.port:
+                self.port = int(found.group(1))
+                self._listening.set()
+        self._listening.set()  # exited: stop waiting
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    def get_json(self, path: str) -> object:
+        with urllib.request.urlopen(self.url + path, timeout=10) as response:
+            return json.load(response)
+
+    def stop(self, timeout: float = 15.0) -> int:
+        assert self.process is not None
+        if self.process.poll() is None:
+            self.process.terminate()
+        try:
+            self.process.wait(timeout)
+        except subprocess.TimeoutExpired:
+            self.process.kill()
+            self.process.wait()
+        self._reader.join(5)
+        if self.process.stdout is not None:
+            self.process.stdout.close()
+        return self.process.returncode
+
+    def __enter__(self) -> ServerProcess:
+        return self.start()
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
