@@ -253,6 +253,9 @@ def _validated(settings: Settings) -> Settings:
                                 f"got {value!r}")
     if settings.port > 65535:
         raise SettingsError(f"setting port must be at most 65535, got {settings.port}")
+    if settings.ping_interval and settings.ping_timeout > settings.ping_interval:
+        raise SettingsError(f"setting ping_timeout ({settings.ping_timeout:g}) must not exceed "
+                            f"ping_interval ({settings.ping_interval:g})")
     if "://" not in settings.broker:
         raise SettingsError(f"setting broker must be a URL such as memory:// or "
                             f"redis://localhost:6379/0, got {settings.broker!r}")
