@@ -61,9 +61,9 @@ class Flusher:
 class Connection:
     """A subscriber's outgoing side. Single-threaded: use from the IOLoop only."""
 
-    __slots__ = ("__weakref__", "_flusher", "_inflight", "_marked", "_pending", "_queued",
-                 "_transport", "_writing", "closed", "codec", "hold", "info", "max_queue_bytes",
-                 "on_slow", "subscriptions")
+    __slots__ = ("__weakref__", "_drain_waiter", "_flusher", "_inflight", "_marked", "_pending",
+                 "_queued", "_transport", "_writing", "closed", "codec", "hold", "info",
+                 "max_queue_bytes", "on_slow", "subscriptions")
 
     def __init__(self, transport: Transport, codec: Codec, flusher: Flusher,
                  max_queue_bytes: int, info: Any = None,
@@ -83,6 +83,7 @@ class Connection:
         self._inflight = 0
         self._marked = False
         self._writing = False
+        self._drain_waiter: tuple[int, asyncio.Future[None]] | None = None
 
     @property
     def queued_bytes(self) -> int:
@@ -102,6 +103,27 @@ class Connection:
         if not self._marked:
             self._marked = True
             self._flusher.mark(self)
+
+    def drained(self, low_water: int) -> asyncio.Future[None]:
+        """A future done once at most ``low_water`` bytes are queued, or on close.
+
+        For producers of large bursts (history replays) that must not overflow the
+        queue: enqueue up to a budget, then wait for this.
+        """
+        future = asyncio.get_running_loop().create_future()
+        if self.closed or self._queued <= low_water:
+            future.set_result(None)
+        else:
+            self._drain_waiter = (low_water, future)
+        return future
+
+    def _wake_drain(self) -> None:
+        waiter = self._drain_waiter
+        if waiter is not None and (self.closed or self._queued <= waiter[0]):
+            future = waiter[1]
+            self._drain_waiter = None
+            if not future.done():
+                future.set_result(None)
 
     def send(self, message: dict[str, Any]) -> None:
         """Encode and queue a control message (replies, errors) in this codec."""
@@ -132,6 +154,7 @@ class Connection:
         self.closed = True
         self._pending.clear()
         self._queued = self._inflight
+        self._wake_drain()
 
     def flush(self) -> None:
         """Write the whole queue in one go (called by the Flusher)."""
@@ -149,6 +172,8 @@ class Connection:
         if sent < 0:
             return
         self._queued -= sent
+        if self._drain_waiter is not None:
+            self._wake_drain()
         if sent < len(data):
             self._write_through_stream(stream, memoryview(data)[sent:] if sent else data)
 
@@ -180,6 +205,7 @@ class Connection:
         self._writing = False
         self._queued -= self._inflight
         self._inflight = 0
+        self._wake_drain()
         if future.cancelled() or future.exception() is not None:
             self.mark_closed()
             return

@@ -64,6 +64,18 @@ class Hub:
         for name in list(connection.subscriptions):
             self._remove(connection, name)
 
+    def close_subscribers(self, name: str, code: int, reason: str) -> None:
+        """Close every connection subscribed to ``name`` (that exact topic or pattern).
+
+        Used when the broker lost events of ``name`` that it cannot replay: the
+        clients reconnect and resume with ``since``. Each closed connection is
+        forgotten on the next loop pass, as after a slow-consumer close.
+        """
+        loop = asyncio.get_running_loop()
+        for connection in [c for c in self.connections if name in c.subscriptions]:
+            connection.close(code, reason)
+            loop.call_soon(self.forget, connection)
+
     def close_all(self, code: int, reason: str) -> None:
         """Close every connection (shutdown), letting queued frames go first."""
         for connection in list(self.connections):
@@ -144,12 +156,21 @@ class Hub:
         except BaseException:
             self._release(connection, hold)
             raise
-        for event in replay.events:
-            hold.replayed.add(event.id)
-            connection.enqueue(event.frame(connection.codec))
+        await self._replay(connection, hold, replay.events)
         reply["recovered"] = replay.recovered
         connection.send(reply)
         self._release(connection, hold)
+
+    async def _replay(self, connection: Connection, hold: _Hold, events: list[Event]) -> None:
+        """Enqueue a replay paced by the socket, so a long one never overflows the queue."""
+        budget = connection.max_queue_bytes // 2
+        for event in events:
+            hold.replayed.add(event.id)
+            connection.enqueue(event.frame(connection.codec))
+            if connection.queued_bytes > budget:
+                await connection.drained(budget // 2)
+                if connection.closed:
+                    return
 
     def _hold_back(self, connection: Connection, event: Event) -> None:
         hold: _Hold = connection.hold
