@@ -1,17 +1,24 @@
 """HTTP publishing: one event, or a batch validated whole before any is published.
 
 Limits (settings): ``max_event_bytes`` for one event's data (413 above),
-``max_batch_bytes`` and ``max_batch_events`` for a batch. Bodies are JSON or msgpack
-by Content-Type (415 otherwise); the reply follows the Accept header.
+``max_batch_bytes`` and ``max_batch_events`` for a batch, ``publish_rate`` and
+``publish_burst`` per API key, token subject or address (429 above). Bodies are JSON
+or msgpack by Content-Type (415 otherwise); the reply follows the Accept header.
+
+Auth (server/auth.py) comes before the body is read: a bad credential is a 401, a
+topic the credential may not publish to (or read the history of) a 403, and a batch
+is refused whole when any of its topics is.
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 from tornado.web import stream_request_body
 
 from handlers.base import ApiHandler
+from server.auth import Forbidden, Grant, Unauthorized
 from server.broker.base import Published, PublishRequest
 from server.codec import Codec, media_codec
 from server.commands import MAX_KEY_LENGTH
@@ -32,6 +39,12 @@ class BodyHandler(ApiHandler):
     def prepare(self) -> None:
         self._chunks: list[bytes] = []
         self._size = 0
+        if self.request.method == "OPTIONS":
+            return
+        self.rights = self.grant()
+        if self.request.method == "POST":
+            self.node.limits.check_publish(self.rights.limit_key
+                                           or f"ip:{self.request.remote_ip}")
         limit = self.body_limit()
         length = self.request.headers.get("Content-Length", "")
         if length.isdigit() and int(length) > limit:
@@ -64,6 +77,7 @@ class TopicEventsHandler(BodyHandler):
 
     async def post(self, topic: str) -> None:
         topic = _topic(topic, self.node.settings.max_topic_length)
+        _authorize(self.rights, self.rights.check_publish, topic)
         data, _ = self.decoded_body()
         key = self.request.headers.get("Idempotency-Key")
         if key is not None and not 0 < len(key) <= MAX_KEY_LENGTH:
@@ -77,6 +91,7 @@ class TopicEventsHandler(BodyHandler):
             name = validate_pattern(topic, self.node.settings.max_topic_length)
         except InvalidTopic as exc:
             raise SquallError("invalid_topic", str(exc)) from None
+        _authorize(self.rights, self.rights.check_subscribe, name)
         since = self.get_query_argument("since", None)
         limit = _limit(self.get_query_argument("limit", None))
         replay = await self.node.broker.history(name, since, limit)
@@ -93,8 +108,20 @@ class BatchHandler(BodyHandler):
     async def post(self) -> None:
         body, codec = self.decoded_body()
         requests = _batch(body, codec, self.node.settings)
+        for request in requests:
+            _authorize(self.rights, self.rights.check_publish, request.topic)
         published = await self.node.hub.publish(requests)
         self.reply(202, {"events": [_outcome(outcome) for outcome in published]})
+
+
+def _authorize(rights: Grant, check: Callable[[str], None], name: str) -> None:
+    """``check(name)``; a refused anonymous request is told to authenticate (401)."""
+    try:
+        check(name)
+    except Forbidden as exc:
+        if rights.anonymous:
+            raise Unauthorized(f"{exc.message}: send an API key or a token") from None
+        raise
 
 
 def _batch(body: Any, codec: Codec, settings: Any) -> list[PublishRequest]:
