@@ -1,0 +1,90 @@
+"""The authorization webhook deciding real WebSocket connects and subscribes."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from collections.abc import Iterator
+from typing import Any
+
+import pytest
+import websockets
+from tornado.httpserver import HTTPServer
+from tornado.testing import bind_unused_port
+from tornado.web import Application, RequestHandler
+
+from config.settings import Settings
+
+SECRET = "hook-secret"
+
+
+class Backend:
+    """Allows connects whose query says ``user=alice`` (granting ``room.1``), denies
+    others; approves subscribes to ``room.2`` only; hangs for ``user=slow``."""
+
+    def __init__(self) -> None:
+        self.questions: list[dict[str, Any]] = []
+        self.release = asyncio.Event()
+
+    def app(self) -> Application:
+        backend = self
+
+        class Decide(RequestHandler):
+            async def post(self) -> None:
+                question = json.loads(self.request.body)
+                backend.questions.append(question)
+                self.finish(await backend.decide(question))
+
+        return Application([(r"/auth", Decide)])
+
+    async def decide(self, question: dict[str, Any]) -> dict[str, Any]:
+        if question["action"] == "subscribe":
+            return {"allow": question["topic"] == "room.2"}
+        user = question["request"]["query"].get("user", [""])[0]
+        if user == "slow":
+            await self.release.wait()
+        if user != "alice":
+            return {"allow": False, "reason": "unknown user"}
+        return {"allow": True, "sub": "alice", "subscribe": ["room.1"], "publish": []}
+
+
+@pytest.fixture
+def backend(io_loop: Any) -> Iterator[tuple[Backend, int]]:
+    backend = Backend()
+    sock, port = bind_unused_port()
+    server = HTTPServer(backend.app())
+    server.add_sockets([sock])
+    yield backend, port
+    backend.release.set()
+    server.stop()
+
+
+@pytest.fixture
+def squall_settings(backend: tuple[Backend, int]) -> Settings:
+    return Settings(ping_interval=0, auth_webhook_url=f"http://127.0.0.1:{backend[1]}/auth",
+                    auth_webhook_secret=SECRET, auth_webhook_timeout=0.5)
+
+
+@pytest.mark.gen_test(timeout=20)
+async def test_backend_admits_and_grants(backend, ws_connect):
+    client = await ws_connect(query="user=alice")
+    assert "recovered" not in await client.subscribe("room.1")  # granted at connect
+    assert [q["action"] for q in backend[0].questions] == ["connect"]
+    await client.subscribe("room.2")  # beyond the grant: asked, approved
+    await client.send({"type": "subscribe", "topic": "room.3", "ref": 7})
+    error = await client.recv_type("error")
+    assert (error["code"], error["ref"]) == ("forbidden", 7)
+    assert [q.get("topic") for q in backend[0].questions] == [None, "room.2", "room.3"]
+    await client.send({"type": "publish", "topic": "room.1", "data": 1})
+    assert (await client.recv_type("error"))["code"] == "forbidden"
+
+
+@pytest.mark.gen_test(timeout=20)
+@pytest.mark.parametrize("user", ["mallory", "slow"])
+async def test_backend_denial_or_silence_closes_with_4003(backend, ws_url, user):
+    started = asyncio.get_running_loop().time()
+    async with websockets.connect(f"{ws_url}?user={user}") as socket:
+        with pytest.raises(websockets.ConnectionClosed) as closed:
+            await asyncio.wait_for(socket.recv(), 5)
+    assert closed.value.rcvd is not None and closed.value.rcvd.code == 4003
+    assert asyncio.get_running_loop().time() - started < 3
