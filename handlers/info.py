@@ -3,27 +3,41 @@
 from __future__ import annotations
 
 from handlers.base import ApiHandler
+from server.metrics import CONTENT_TYPE
 from server.topics import is_pattern
 
 
 class TopicsHandler(ApiHandler):
-    """``GET /v1/topics``: topics with local subscribers or retained history.
+    """``GET /v1/topics``: topics with subscribers on any node, or retained history.
 
-    ``subscribers`` counts this node's connections that receive the topic's events,
-    through exact and pattern subscriptions. Pattern names themselves are not
-    topics and are not listed.
+    ``subscribers`` counts the connections, on every node of the cluster, that
+    receive the topic's events through exact and pattern subscriptions (other
+    nodes' counts are as they last reported them, a few seconds old at most).
+    Pattern names themselves are not topics and are not listed. With auth on, a
+    caller sees only the topics it may subscribe to.
     """
 
     async def get(self) -> None:
-        hub = self.node.hub
-        subscribed = [name for name, _ in hub.router.names() if not is_pattern(name)]
-        retained = await self.node.broker.retained_topics()
-        topics = sorted(set(subscribed).union(retained))
-        last_ids = await self.node.broker.last_ids(topics)
+        grant = self.grant()
+        broker = self.node.broker
+        subscribed = [name for name, _ in self.node.hub.router.names() if not is_pattern(name)]
+        retained = await broker.retained_topics()
+        counts = await broker.subscriber_counts(sorted(set(subscribed).union(retained)))
+        topics = sorted(topic for topic in set(retained).union(
+            topic for topic, n in counts.items() if n) if grant.may_subscribe(topic))
+        last_ids = await broker.last_ids(topics)
         self.reply(200, {"topics": [
-            {"topic": topic, "subscribers": len(hub.router.match(topic)),
+            {"topic": topic, "subscribers": counts.get(topic, 0),
              "last_id": last_ids.get(topic)}
             for topic in topics]})
+
+
+class MetricsHandler(ApiHandler):
+    """``GET /metrics``: Prometheus text format."""
+
+    def get(self) -> None:
+        self.set_header("Content-Type", CONTENT_TYPE)
+        self.finish(self.node.metrics.render())
 
 
 class HealthHandler(ApiHandler):

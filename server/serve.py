@@ -1,16 +1,26 @@
-"""Serving a node: listen, run until SIGTERM or SIGINT, shut down gracefully."""
+"""Serving a node: listen, run until SIGTERM or SIGINT, shut down gracefully.
+
+With ``--workers N`` above 1 the listening sockets are bound once and N worker
+processes are forked to share them; each runs its own node. The parent only
+supervises: it passes SIGTERM and SIGINT on, restarts a worker that died, and
+exits when every worker has.
+"""
 
 from __future__ import annotations
 
 import asyncio
 import logging
+import os
 import signal
 import socket
+import time
+from collections.abc import Callable
 
 from tornado.httpserver import HTTPServer
 from tornado.netutil import bind_sockets
 
-from config.settings import Settings
+from config.settings import Settings, SettingsError
+from server import extensions
 from server.app import make_app
 from server.logs import setup_logging
 from server.node import Node
@@ -18,11 +28,19 @@ from server.node import Node
 log = logging.getLogger("squall")
 
 LISTEN_BACKLOG = 4096
+_STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT)
+EARLY_EXIT = 5.0  # seconds: a worker that dies sooner is failing to start, not crashing
+RESTART_DELAY = 1.0
 
 
 def serve(settings: Settings) -> int:
     """Serve until a signal; the process's exit status."""
     setup_logging(settings.log_level, settings.log_format)
+    try:
+        extensions.prepare(settings)
+    except SettingsError as exc:
+        log.error("%s", exc)
+        return 2
     try:
         sockets = bind_sockets(settings.port, settings.host, family=socket.AF_INET
                                if ":" not in settings.host else socket.AF_UNSPEC,
@@ -30,13 +48,95 @@ def serve(settings: Settings) -> int:
     except OSError as exc:
         log.error("cannot listen on %s:%s: %s", settings.host, settings.port, exc.strerror)
         return 1
+    if settings.workers > 1:
+        status = _run_workers(settings.workers)
+        if status is not None:  # the parent, once every worker has exited
+            for sock in sockets:
+                sock.close()
+            return status
     return asyncio.run(_serve(settings, sockets))
+
+
+def _run_workers(count: int) -> int | None:
+    """Fork ``count`` workers and supervise them; returns None in a worker.
+
+    A worker that dies is started again, unless it died within ``EARLY_EXIT``
+    seconds of its start (it cannot start: all stop). The parent's exit status is
+    the worst of the workers' after the stop.
+    """
+    started: dict[int, tuple[int, float]] = {}  # pid -> (worker index, start time)
+    for index in range(count):
+        pid = _fork()
+        if pid == 0:
+            return None
+        started[pid] = (index, time.monotonic())
+    log.info("started %d workers: %s", count, ", ".join(map(str, started)))
+    stopping = _forward_signals(started)
+    status = 0
+    giving_up = False
+    while started:
+        pid, code = os.wait()
+        index, since = started.pop(pid)
+        failed = _exit_status(code)
+        if stopping() or giving_up:
+            status = max(status, failed)
+            continue
+        if failed and time.monotonic() - since < EARLY_EXIT:
+            log.error("worker %d exited at start (status %d); stopping", index, failed)
+            status, giving_up = failed, True
+            _signal_all(started, signal.SIGTERM)
+            continue
+        log.error("worker %d (pid %d) died (status %d); starting another", index, pid, failed)
+        time.sleep(RESTART_DELAY)
+        pid = _fork()
+        if pid == 0:
+            return None
+        started[pid] = (index, time.monotonic())
+    return status
+
+
+def _fork() -> int:
+    """Fork with stop signals held back, so none is lost or caught by the wrong handler."""
+    signal.pthread_sigmask(signal.SIG_BLOCK, _STOP_SIGNALS)
+    pid = os.fork()
+    if pid == 0:
+        for signum in _STOP_SIGNALS:
+            signal.signal(signum, signal.SIG_DFL)
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, _STOP_SIGNALS)
+    return pid
+
+
+def _forward_signals(workers: dict[int, tuple[int, float]]) -> Callable[[], bool]:
+    """Pass SIGTERM and SIGINT on to the workers; returns whether one came."""
+    received: list[int] = []
+
+    def forward(signum: int, frame: object) -> None:
+        received.append(signum)
+        _signal_all(workers, signum)
+
+    for signum in _STOP_SIGNALS:
+        signal.signal(signum, forward)
+    return lambda: bool(received)
+
+
+def _signal_all(workers: dict[int, tuple[int, float]], signum: int) -> None:
+    for pid in list(workers):
+        try:
+            os.kill(pid, signum)
+        except ProcessLookupError:
+            log.debug("worker %d is already gone", pid)
+
+
+def _exit_status(wait_status: int) -> int:
+    """A worker's exit code, or 128 + the signal that ended it (as a shell says)."""
+    code = os.waitstatus_to_exitcode(wait_status)
+    return code if code >= 0 else 128 - code
 
 
 async def _serve(settings: Settings, sockets: list[socket.socket]) -> int:
     node = Node(settings)
     await node.start()
-    server = HTTPServer(make_app(node), xheaders=True, max_body_size=max(
+    server = HTTPServer(make_app(node), xheaders=settings.trust_proxy_headers, max_body_size=max(
         settings.max_batch_bytes, settings.max_event_bytes) + 65536)
     server.add_sockets(sockets)
     _warn_if_open(settings)

@@ -8,7 +8,7 @@ chosen by URL (``memory://``, ``redis://host:6379/0``) with ``create_broker``.
 from __future__ import annotations
 
 import abc
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, NamedTuple
 
@@ -16,6 +16,8 @@ from server.events import Event
 from server.history import Replay, Retention
 
 EventHandler = Callable[[Event], None]
+GapHandler = Callable[[str], None]
+LocalCounts = Callable[[Sequence[str]], Mapping[str, int]]
 
 
 class PublishRequest(NamedTuple):
@@ -59,11 +61,19 @@ class Broker(abc.ABC):
       published: a retry with the same idempotency key is safe).
     - ``history`` never returns part of a gap: every retained event after ``since``,
       or ``recovered=False``.
+    - When events of a subscribed name were lost to this node and cannot be replayed
+      (a broker outage longer than the history), ``on_gap(name)`` is called; the node
+      closes that name's subscribers so they resume with ``since``.
+
+    The node sets ``on_gap`` and ``local_counts`` (this node's subscribers of each
+    given topic or pattern) before ``start``.
     """
 
     def __init__(self, options: BrokerOptions) -> None:
         self.options = options
         self._on_event: EventHandler = _ignore
+        self.on_gap: GapHandler = _ignore_gap
+        self.local_counts: LocalCounts = _no_counts
 
     async def start(self, on_event: EventHandler) -> None:
         """Connect, and from now on pass every event to ``on_event``."""
@@ -89,6 +99,11 @@ class Broker(abc.ABC):
     async def retained_topics(self) -> list[str]:
         """Topics with retained history."""
 
+    @abc.abstractmethod
+    async def subscriber_counts(self, topics: Sequence[str]) -> dict[str, int]:
+        """Subscribers of each of ``topics`` on every node, and of any other topic some
+        node subscribes to by name; topics without subscribers may be left out."""
+
     async def subscribe(self, name: str) -> None:  # noqa: B027 - optional hook
         """The node's first local subscriber of a topic or pattern arrived."""
 
@@ -105,6 +120,14 @@ def _ignore(event: Event) -> None:
     pass
 
 
+def _ignore_gap(name: str) -> None:
+    pass
+
+
+def _no_counts(names: Sequence[str]) -> Mapping[str, int]:
+    return {}
+
+
 def create_broker(url: str, options: BrokerOptions) -> Broker:
     """The broker for ``url``; optional dependencies are imported only when used."""
     scheme = url.split("://", 1)[0].lower()
@@ -112,4 +135,8 @@ def create_broker(url: str, options: BrokerOptions) -> Broker:
         from server.broker.memory import MemoryBroker
 
         return MemoryBroker(options)
-    raise ValueError(f"unsupported broker URL scheme {scheme!r}; use memory://")
+    if scheme in ("redis", "rediss", "unix"):
+        from server.broker.redis import RedisBroker
+
+        return RedisBroker(url, options)
+    raise ValueError(f"unsupported broker URL scheme {scheme!r}; use memory:// or redis://")

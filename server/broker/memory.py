@@ -9,6 +9,7 @@ from collections.abc import Sequence
 
 from server.broker.base import Broker, BrokerOptions, EventHandler, Published, PublishRequest
 from server.dedupe import DedupeWindow
+from server.errors import BrokerUnavailable
 from server.events import Event, EventId
 from server.history import MemoryHistory, Replay
 from server.tasks import every, stop, supervise
@@ -39,15 +40,23 @@ class MemoryBroker(Broker):
             options.dedupe_window, options.dedupe_max_keys)
         self._seq = 0
         self._sweeper: asyncio.Task[None] | None = None
+        self._closed = False
 
     async def start(self, on_event: EventHandler) -> None:
         await super().start(on_event)
         self._sweeper = supervise("memory-broker-sweeper", lambda: every(1.0, self._sweep))
 
     async def close(self) -> None:
+        self._closed = True
         await stop(self._sweeper)
 
+    @property
+    def ready(self) -> bool:
+        return not self._closed
+
     async def publish(self, requests: Sequence[PublishRequest]) -> list[Published]:
+        if self._closed:
+            raise BrokerUnavailable("the broker is closed")
         return [self._publish_one(request) for request in requests]
 
     async def history(self, name: str, since: str | None, limit: int | None = None) -> Replay:
@@ -59,6 +68,10 @@ class MemoryBroker(Broker):
 
     async def retained_topics(self) -> list[str]:
         return list(self._history.topics())
+
+    async def subscriber_counts(self, topics: Sequence[str]) -> dict[str, int]:
+        """This node is the only one: its local counts."""
+        return dict(self.local_counts(topics))
 
     def _publish_one(self, request: PublishRequest) -> Published:
         key = request.idempotency_key

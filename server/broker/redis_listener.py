@@ -1,0 +1,335 @@
+"""The Redis broker's listener: this process's one pub/sub connection.
+
+It subscribes in Redis only to what local clients want: one channel per subscribed
+topic, one glob per subscribed pattern (several patterns may share a glob). Each
+received event is decoded once, checked against the patterns behind its glob with
+``topics.matches`` (a glob is broader than its patterns) and handed on.
+
+Redis delivers the messages of one connection in publish order, and ids follow
+publish order, so one watermark (the last seq handed on) drops the second copy of
+an event that reaches the node through two subscriptions, and says where the node
+stood when the connection broke. After every reconnect the listener subscribes
+again, then reads each subscribed name's history after that watermark and hands on
+what it missed, in order, before any live event: nothing Redis accepted is lost to
+a subscription that stayed, and nothing is handed on twice. A name whose history
+cannot fill the gap (trimmed, expired, or Redis lost its data) is reported to
+``on_gap``. The connection is checked with a PING whenever it has been quiet; an
+unanswered one counts as a lost connection. Reconnects back off, capped.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+from collections.abc import Callable
+from typing import Any, Protocol
+
+from redis.asyncio import ConnectionPool
+from redis.asyncio.client import PubSub
+from redis.exceptions import RedisError
+
+from server.broker.redis_keys import channel, decode_event, glob
+from server.errors import BrokerUnavailable
+from server.events import Event, EventId
+from server.history import Replay
+from server.topics import is_pattern, matches
+
+log = logging.getLogger("squall.broker.redis")
+
+HEALTH_INTERVAL = 1.0  # seconds of silence before the connection is pinged
+BACKOFF = 0.1
+MAX_BACKOFF = 2.0
+_FAILURES = (RedisError, OSError, TimeoutError, BrokerUnavailable)
+
+Message = dict[str, Any]
+Backlog = list[tuple[bytes, bytes | None]]
+
+
+class Source(Protocol):
+    """Where the listener reads what it missed."""
+
+    async def position(self) -> EventId | None:
+        """The newest id Redis has given out, or None when it has no epoch yet."""
+
+    async def history(self, name: str, since: str | None, limit: int | None = None) -> Replay:
+        """Every retained event of ``name`` after ``since``, or ``recovered=False``."""
+
+
+class Listener:
+    """Subscriptions, delivery, and recovery after lost connections. IOLoop only."""
+
+    def __init__(self, pool: ConnectionPool, source: Source, deliver: Callable[[Event], None],
+                 on_gap: Callable[[str], None], timeout: float) -> None:
+        self._pool = pool
+        self._source = source
+        self._deliver = deliver
+        self._on_gap = on_gap
+        self._timeout = timeout
+        self._refs: dict[str, int] = {}
+        self._globs: dict[bytes, set[str]] = {}
+        self._acks: dict[bytes, list[asyncio.Future[None]]] = {}
+        self._pubsub: PubSub | None = None
+        self._epoch: str | None = None  # None until the first sync; "" while Redis has none
+        self._seen = 0
+        self.ready = False
+        self.first_sync = asyncio.Event()
+        self.last_heard = 0.0  # loop time of the last message from Redis
+        self._was_ready = False
+
+    def names(self) -> list[str]:
+        """The topics and patterns subscribed in Redis (or to be, once connected)."""
+        return list(self._refs)
+
+    # -- subscriptions ---------------------------------------------------------------
+
+    async def subscribe(self, name: str) -> None:
+        """Subscribe in Redis; returns once Redis confirmed, or the node is not connected.
+
+        Never raises: a subscription that cannot be confirmed now is made on the
+        next reconnect, which also fills its gap.
+        """
+        self._refs[name] = self._refs.get(name, 0) + 1
+        if self._refs[name] > 1:
+            return  # an unsubscribe of this name is still on its way
+        target = self._target(name)
+        if is_pattern(name):
+            self._globs.setdefault(target, set()).add(name)
+        pubsub = self._pubsub
+        if pubsub is not None:
+            await self._confirm(pubsub, name, target)
+
+    async def unsubscribe(self, name: str) -> None:
+        """Drop the Redis subscription when no local subscriber wants ``name``."""
+        refs = self._refs.get(name, 0) - 1
+        if refs > 0:
+            self._refs[name] = refs
+            return
+        self._refs.pop(name, None)
+        target = self._target(name)
+        if is_pattern(name):
+            patterns = self._globs.get(target, set())
+            patterns.discard(name)
+            if patterns:
+                return
+            self._globs.pop(target, None)
+        pubsub = self._pubsub
+        if pubsub is None:
+            return
+        try:
+            async with asyncio.timeout(self._timeout):
+                if is_pattern(name):
+                    await pubsub.punsubscribe(target)
+                else:
+                    await pubsub.unsubscribe(target)
+        except _FAILURES as exc:
+            log.warning("redis unsubscribe from %s failed: %s", name, _describe(exc))
+
+    @staticmethod
+    def _target(name: str) -> bytes:
+        return glob(name) if is_pattern(name) else channel(name)
+
+    async def _confirm(self, pubsub: PubSub, name: str, target: bytes) -> None:
+        ack: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        self._acks.setdefault(target, []).append(ack)
+        try:
+            async with asyncio.timeout(self._timeout):
+                if is_pattern(name):
+                    await pubsub.psubscribe(target)
+                else:
+                    await pubsub.subscribe(target)
+                await ack
+        except _FAILURES as exc:
+            log.warning("redis subscribe to %s not confirmed (%s); it is made on reconnect",
+                        name, _describe(exc))
+        finally:
+            waiting = self._acks.get(target, [])
+            if ack in waiting:
+                waiting.remove(ack)
+            if not waiting:
+                self._acks.pop(target, None)
+
+    # -- the connection --------------------------------------------------------------
+
+    async def run(self) -> None:
+        """Listen forever, reconnecting with capped backoff (run it supervised)."""
+        delay = BACKOFF
+        while True:
+            self._was_ready = False
+            try:
+                await self._session()
+            except _FAILURES as exc:
+                delay = BACKOFF if self._was_ready else delay
+                log.warning("redis listener lost its connection (%s); reconnecting in %.1fs",
+                            _describe(exc), delay)
+            await asyncio.sleep(delay)
+            delay = min(delay * 2, MAX_BACKOFF)
+
+    async def _session(self) -> None:
+        pubsub = PubSub(self._pool, ignore_subscribe_messages=False)
+        try:
+            async with asyncio.timeout(self._timeout):
+                await pubsub.connect()  # type: ignore[no-untyped-call]
+                self._pubsub = pubsub
+                await self._subscribe_all(pubsub)
+                backlog = await self._sync(pubsub)
+            await self._catch_up(backlog)
+            self.last_heard = asyncio.get_running_loop().time()
+            self.ready = self._was_ready = True
+            self.first_sync.set()
+            log.info("redis listener subscribed to %d names", len(self._refs))
+            await self._pump(pubsub)
+        finally:
+            self.ready = False
+            self._pubsub = None
+            self._release_acks()
+            with contextlib.suppress(*_FAILURES):
+                await pubsub.aclose()  # type: ignore[no-untyped-call]
+
+    async def _subscribe_all(self, pubsub: PubSub) -> None:
+        channels = [channel(name) for name in self._refs if not is_pattern(name)]
+        if channels:
+            await pubsub.subscribe(*channels)
+        if self._globs:
+            await pubsub.psubscribe(*self._globs)
+
+    async def _sync(self, pubsub: PubSub) -> Backlog:
+        """Wait until Redis has taken every subscription; keep the events read meanwhile."""
+        token = os.urandom(8).hex().encode()
+        await pubsub.ping(token)
+        backlog: Backlog = []
+        while True:
+            message = await pubsub.get_message(timeout=self._timeout)
+            if message is None:
+                continue  # the caller's timeout decides
+            if message["type"] == "pong" and message["data"] == token:
+                return backlog
+            self._handle(message, backlog)
+
+    async def _pump(self, pubsub: PubSub) -> None:
+        pinged: float | None = None
+        loop = asyncio.get_running_loop()
+        while True:
+            wait = HEALTH_INTERVAL if pinged is None else pinged + self._timeout - loop.time()
+            message = await pubsub.get_message(timeout=max(wait, 0.001))
+            if message is not None:
+                pinged = None
+                self.last_heard = loop.time()
+                self._handle(message, None)
+            elif pinged is None:
+                async with asyncio.timeout(self._timeout):
+                    await pubsub.ping()
+                pinged = loop.time()
+            elif loop.time() >= pinged + self._timeout:
+                raise TimeoutError(f"no answer to a ping within {self._timeout:g}s")
+
+    def _release_acks(self) -> None:
+        for waiting in self._acks.values():
+            for ack in waiting:
+                if not ack.done():
+                    ack.set_exception(BrokerUnavailable("the redis connection was lost"))
+        self._acks.clear()
+
+    # -- messages --------------------------------------------------------------------
+
+    def _handle(self, message: Message, backlog: Backlog | None) -> None:
+        kind = message["type"]
+        if kind in ("message", "pmessage"):
+            if backlog is not None:
+                backlog.append((message["data"], message["pattern"]))
+            else:
+                self._receive(message["data"], message["pattern"])
+        elif kind in ("subscribe", "psubscribe"):
+            for ack in self._acks.pop(message["channel"], []):
+                if not ack.done():
+                    ack.set_result(None)
+
+    def _receive(self, payload: bytes, pattern: bytes | None) -> None:
+        event = decode_event(payload)
+        if event is None:
+            log.warning("ignored a malformed message on a squall channel")
+            return
+        if pattern is not None and not any(
+                matches(name, event.topic) for name in self._globs.get(pattern, ())):
+            return  # the glob is broader than the patterns behind it
+        self._accept(event)
+
+    def _accept(self, event: Event) -> None:
+        epoch = event.id.rpartition("-")[0]
+        if epoch == self._epoch and event.seq <= self._seen:
+            return  # already handed on, through another subscription or a catch-up
+        self._epoch, self._seen = epoch, event.seq
+        self._deliver(event)
+
+    # -- catching up -------------------------------------------------------------------
+
+    async def _catch_up(self, backlog: Backlog) -> None:
+        """Hand on what the subscribed names missed while disconnected, then the backlog."""
+        current = await self._source.position()
+        if self._epoch is not None and self._refs:
+            since = self._since(current)
+            events: list[Event] = []
+            if since is None:
+                gaps = list(self._refs)
+            else:
+                events, gaps = await self._missed(list(self._refs), since)
+            for name in gaps:
+                self._report_gap(name)
+            for event in events:
+                self._accept(event)
+        self._advance(current, backlog)
+        for payload, pattern in backlog:
+            self._receive(payload, pattern)
+
+    def _advance(self, current: EventId | None, backlog: Backlog) -> None:
+        """Move the watermark up to what Redis had given out when it was read, but not
+        past the live events received since the subscriptions were made."""
+        if current is None:
+            if self._epoch != "":
+                self._epoch, self._seen = "", 0
+            return
+        seq = current.seq
+        first = decode_event(backlog[0][0]) if backlog else None
+        if first is not None and first.id.rpartition("-")[0] == current.epoch:
+            seq = min(seq, first.seq - 1)
+        if self._epoch != current.epoch or self._seen < seq:
+            self._epoch, self._seen = current.epoch, seq
+
+    def _since(self, current: EventId | None) -> str | None:
+        """Where to read the missed events from; None when they are lost for good."""
+        if current is None:
+            return None if self._epoch else ""
+        if self._epoch == current.epoch:
+            return str(EventId(current.epoch, self._seen))
+        if self._epoch == "":
+            return str(EventId(current.epoch, 0))  # Redis got its epoch while we were away
+        return None
+
+    async def _missed(self, names: list[str], since: str) -> tuple[list[Event], list[str]]:
+        if not since:
+            return [], []
+        replays = await asyncio.gather(*(self._source.history(name, since) for name in names),
+                                       return_exceptions=True)
+        found: dict[int, Event] = {}
+        gaps = []
+        for name, replay in zip(names, replays, strict=True):
+            if isinstance(replay, BaseException):
+                raise replay
+            if not replay.recovered:
+                gaps.append(name)
+            for event in replay.events:
+                found[event.seq] = event
+        return [found[seq] for seq in sorted(found)], gaps
+
+    def _report_gap(self, name: str) -> None:
+        log.warning("events of %s were lost while the redis connection was down and are "
+                    "no longer in its history", name)
+        try:
+            self._on_gap(name)
+        except Exception:
+            log.exception("the gap handler failed for %s", name)
+
+
+def _describe(exc: BaseException) -> str:
+    return f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__
