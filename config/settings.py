@@ -12,10 +12,13 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import os
+import re
 import tomllib
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
+
+from server.topics import InvalidTopic, validate_pattern
 
 ENV_PREFIX = "SQUALL_"
 KiB = 1024
@@ -42,6 +45,8 @@ class Settings:
 
     # serving
     host: str = _setting("127.0.0.1", "address to listen on")
+    trust_proxy_headers: bool = _setting(False, "take the client address from "
+                                         "X-Forwarded-For / X-Real-Ip (only behind a proxy)")
     port: int = _setting(8888, "port to listen on", minimum=0)
     broker: str = _setting("memory://", "broker URL: memory:// or redis://host:6379/0")
     workers: int = _setting(1, "processes serving one port (more than 1 needs Redis)",
@@ -72,6 +77,20 @@ class Settings:
     max_subscriptions: int = _setting(100, "most subscriptions per connection", minimum=1)
     max_bad_frames: int = _setting(20, "bad frames a connection may send before it is "
                                    "closed with 4000", minimum=1)
+    max_connections: int = _setting(20_000, "WebSocket connections this process holds at "
+                                    "most; more are closed with 4029 (0: no limit)", minimum=0)
+    max_connections_per_ip: int = _setting(1000, "WebSocket connections per client address; "
+                                           "more are closed with 4029 (0: no limit)", minimum=0)
+    frame_rate: float = _setting(100.0, "frames a second one connection may send on average; "
+                                 "more get rate_limited, then a close with 4029 (0: no limit)",
+                                 minimum=0)
+    frame_burst: int = _setting(200, "frames one connection may send at once above "
+                                "frame_rate", minimum=1)
+    publish_rate: float = _setting(0.0, "HTTP publishes a second per API key, token "
+                                   "subject or address; more get 429 (0: no limit)", minimum=0)
+    publish_burst: int = _setting(2000, "HTTP publishes at once above publish_rate", minimum=1)
+    publish_rate_clients: int = _setting(100_000, "clients whose HTTP publish rate is "
+                                         "tracked at once", minimum=1)
     send_queue_bytes: int = _setting(1 * MiB, "bytes queued for one connection before it "
                                      "is closed as a slow consumer (4008)", minimum=1024)
     ping_interval: float = _setting(20.0, "seconds between server WebSocket pings (0: none)",
@@ -91,7 +110,15 @@ class Settings:
     dedupe_window: float = _setting(300.0, "seconds an Idempotency-Key is remembered",
                                     minimum=0)
     dedupe_max_keys: int = _setting(100_000, "Idempotency-Keys remembered at most", minimum=0)
-    # extension points (TOML only)
+    # extension points
+    signal_queue: int = _setting(10_000, "async signal receiver calls queued at most "
+                                 "(more are dropped and counted)", minimum=1)
+    auth_webhook_url: str = _setting("", "URL of the backend that approves connects and "
+                                     "subscribes (empty: none)")
+    auth_webhook_secret: str = _setting("", "secret signing authorization webhook requests",
+                                        secret=True)
+    auth_webhook_timeout: float = _setting(2.0, "seconds to wait for the authorization "
+                                           "webhook before denying", minimum=0.01)
     hooks: tuple[str, ...] = _setting((), "modules imported at start to connect receivers",
                                       cli=False)
     webhooks: tuple[Mapping[str, Any], ...] = _setting((), "webhook endpoints", cli=False)
@@ -262,4 +289,38 @@ def _validated(settings: Settings) -> Settings:
     if settings.workers > 1 and settings.broker.startswith("memory:"):
         raise SettingsError(f"setting workers={settings.workers} needs a shared broker: "
                             "use --broker redis://HOST:6379/0 or --workers 1")
+    _check_auth(settings)
     return settings
+
+
+def _check_auth(settings: Settings) -> None:
+    """Public patterns, origins and the public key file, each named when bad."""
+    for pattern in settings.public_topics:
+        try:
+            validate_pattern(pattern)
+        except InvalidTopic as exc:
+            raise SettingsError(f"setting public_topics has a bad pattern: {exc}") from None
+    for origin in settings.allowed_origins:
+        if origin != "*" and not _ORIGIN.fullmatch(origin):
+            raise SettingsError(f"setting allowed_origins must hold * or origins such as "
+                                f"https://app.example.com, got {origin[:100]!r}")
+    if settings.jwt_public_key:
+        _check_public_key(settings.jwt_public_key)
+
+
+_ORIGIN = re.compile(r"[A-Za-z][A-Za-z0-9+.\-]*://[^/?#\s]+/?")
+
+
+def _check_public_key(path: str) -> None:
+    from server.auth import load_public_key
+
+    try:
+        with open(path, "rb") as handle:
+            pem = handle.read(1024 * 1024)
+    except OSError as exc:
+        raise SettingsError(f"setting jwt_public_key: cannot read {path}: "
+                            f"{exc.strerror}") from None
+    try:
+        load_public_key(pem)
+    except ValueError as exc:
+        raise SettingsError(f"setting jwt_public_key: {path} {exc}") from None

@@ -7,12 +7,15 @@ import os
 from collections.abc import Callable
 from typing import Any
 
+from prometheus_client import Counter
 from tornado.web import Application, RequestHandler, StaticFileHandler
 
 from handlers.base import NotFoundHandler
-from handlers.info import HealthHandler, ReadyHandler, TopicsHandler
+from handlers.info import HealthHandler, MetricsHandler, ReadyHandler, TopicsHandler
+from handlers.openapi import OpenApiHandler
 from handlers.publish import BatchHandler, TopicEventsHandler
 from handlers.ws import SocketHandler
+from server.auth import redacted_uri
 from server.node import Node
 
 access_log = logging.getLogger("squall.access")
@@ -20,19 +23,21 @@ access_log = logging.getLogger("squall.access")
 STATIC_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "static")
 
 
-def access_logger(enabled: bool) -> Callable[[RequestHandler], None]:
+def access_logger(enabled: bool, requests: Counter) -> Callable[[RequestHandler], None]:
     """One line per HTTP request (a WebSocket counts once, at its handshake)."""
 
     def log_request(handler: RequestHandler) -> None:
+        status = handler.get_status()
+        requests.labels(str(status)).inc()
         if not enabled:
             return
-        status = handler.get_status()
         level = logging.INFO if status < 400 else logging.WARNING
         if status >= 500:
             level = logging.ERROR
         request = handler.request
         duration = 1000.0 * request.request_time()
-        access_log.log(level, "%d %s %s %.1fms", status, request.method, request.uri, duration,
+        uri = redacted_uri(request.uri or "")
+        access_log.log(level, "%d %s %s %.1fms", status, request.method, uri, duration,
                        extra={"status": status, "method": request.method, "path": request.path,
                               "ip": request.remote_ip, "duration_ms": round(duration, 2)})
 
@@ -42,7 +47,7 @@ def access_logger(enabled: bool) -> Callable[[RequestHandler], None]:
 def make_app(node: Node, **tornado_settings: Any) -> Application:
     """The HTTP and WebSocket routes of ``node``, with its limits applied."""
     settings = node.settings
-    deps = {"node": node}
+    deps = {"node": node, "auth": node.auth}
     routes: list[Any] = [
         (r"/v1/topics/([^/]+)/events", TopicEventsHandler, deps),
         (r"/v1/events", BatchHandler, deps),
@@ -50,6 +55,8 @@ def make_app(node: Node, **tornado_settings: Any) -> Application:
         (r"/v1/ws", SocketHandler, deps),
         (r"/healthz", HealthHandler, deps),
         (r"/readyz", ReadyHandler, deps),
+        (r"/metrics", MetricsHandler, deps),
+        (r"/v1/openapi.json", OpenApiHandler, deps),
         (r"/()", StaticFileHandler, {"path": STATIC_DIR, "default_filename": "index.html"}),
         (r"/static/(.*)", StaticFileHandler, {"path": STATIC_DIR}),
     ]
@@ -60,6 +67,6 @@ def make_app(node: Node, **tornado_settings: Any) -> Application:
         websocket_ping_interval=settings.ping_interval or None,
         websocket_ping_timeout=settings.ping_timeout or None,
         websocket_max_message_size=settings.max_frame_bytes,
-        log_function=access_logger(settings.access_log),
+        log_function=access_logger(settings.access_log, node.metrics.http_requests),
         **tornado_settings,
     )

@@ -61,9 +61,25 @@ class Flusher:
 class Connection:
     """A subscriber's outgoing side. Single-threaded: use from the IOLoop only."""
 
-    __slots__ = ("__weakref__", "_drain_waiter", "_flusher", "_inflight", "_marked", "_pending",
-                 "_queued", "_transport", "_writing", "closed", "codec", "hold", "info",
-                 "max_queue_bytes", "on_slow", "subscriptions")
+    __slots__ = (
+        "__weakref__",
+        "_drain_waiter",
+        "_flusher",
+        "_inflight",
+        "_marked",
+        "_pending",
+        "_queued",
+        "_transport",
+        "_writing",
+        "closed",
+        "codec",
+        "dropped_frames",
+        "hold",
+        "info",
+        "max_queue_bytes",
+        "on_slow",
+        "subscriptions",
+    )
 
     def __init__(self, transport: Transport, codec: Codec, flusher: Flusher,
                  max_queue_bytes: int, info: Any = None,
@@ -73,6 +89,7 @@ class Connection:
         self.max_queue_bytes = max_queue_bytes
         self.on_slow = on_slow
         self.closed = False
+        self.dropped_frames = 0  # frames thrown away when this closed as a slow consumer
         # owned by the hub: subscribed names, and live events held back during a replay
         self.subscriptions: dict[str, None] = {}
         self.hold: Any = None
@@ -214,6 +231,7 @@ class Connection:
             self._flusher.mark(self)
 
     def _overflow(self) -> None:
+        self.dropped_frames = len(self._pending) + 1
         queued = self._queued
         log.info("closing slow consumer %s: %d bytes queued", self.info, queued)
         self.close(CLOSE_SLOW_CONSUMER, "slow consumer")

@@ -14,12 +14,14 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Sequence
+import time
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, NamedTuple
 
 from server import signals
 from server.broker.base import Broker, Published, PublishRequest
+from server.codec import JSON
 from server.commands import with_ref
 from server.connection import CLOSE_SLOW_CONSUMER, Connection, Flusher
 from server.errors import SquallError
@@ -27,6 +29,19 @@ from server.events import Event
 from server.router import Router
 
 log = logging.getLogger("squall.hub")
+
+
+class PublishedEvent(NamedTuple):
+    """What ``event_published`` receivers get: the event as subscribers see it."""
+
+    topic: str
+    id: str
+    ts: int
+    data: Any
+
+
+def _ignore(seconds: float) -> None:
+    pass
 
 
 @dataclass
@@ -42,9 +57,17 @@ class _Hold:
 class Hub:
     """This node's registry of connections and subscriptions. IOLoop only."""
 
-    def __init__(self, broker: Broker, max_subscriptions: int = 100) -> None:
+    def __init__(self, broker: Broker, max_subscriptions: int = 100,
+                 observe_publish: Callable[[float], None] = _ignore,
+                 observe_fanout: Callable[[float], None] = _ignore) -> None:
         self.broker = broker
         self.max_subscriptions = max_subscriptions
+        self.observe_publish = observe_publish
+        self.observe_fanout = observe_fanout
+        # plain counters, read by the metrics collector at scrape time
+        self.published = 0
+        self.dropped = 0
+        self.slow_closes = 0
         self.router: Router[Connection] = Router()
         self.flusher = Flusher()
         self.connections: set[Connection] = set()
@@ -85,19 +108,35 @@ class Hub:
 
     async def publish(self, requests: Sequence[PublishRequest]) -> list[Published]:
         """Publish through the broker; raises ``SquallError`` (e.g. unavailable)."""
-        return await self.broker.publish(requests)
+        started = time.perf_counter()
+        outcomes = await self.broker.publish(requests)
+        self.observe_publish(time.perf_counter() - started)
+        self.published += sum(1 for outcome in outcomes if not outcome.duplicate)
+        if signals.event_published.has_receivers:
+            for request, outcome in zip(requests, outcomes, strict=True):
+                if not outcome.duplicate:
+                    signals.event_published.send(self, event=PublishedEvent(
+                        outcome.topic, outcome.id, outcome.ts, request.data))
+        return outcomes
 
     def deliver(self, event: Event) -> None:
         """Fan ``event`` out to every matching local connection. Never blocks."""
         subscribers = self.router.match(event.topic)
         if not subscribers:
             return
+        started = time.perf_counter()
+        json_frame: bytes | None = None
         for connection in subscribers:
             if connection.hold is not None:
                 self._hold_back(connection, event)
+            elif connection.codec is JSON:  # the common case: one frame for all, no lookup
+                if json_frame is None:
+                    json_frame = event.frame(JSON)
+                connection.enqueue(json_frame)
             else:
                 connection.enqueue(event.frame(connection.codec))
         self.delivered += len(subscribers)
+        self.observe_fanout(time.perf_counter() - started)
 
     # -- subscriptions -------------------------------------------------------
 
@@ -154,6 +193,7 @@ class Hub:
             await self._add(connection, name)
             replay = await self.broker.history(name, since)
         except BaseException:
+            self._remove(connection, name)  # the client got an error: not subscribed
             self._release(connection, hold)
             raise
         await self._replay(connection, hold, replay.events)
@@ -177,6 +217,7 @@ class Hub:
         hold.events.append(event)
         hold.bytes += event.size
         if hold.bytes > connection.max_queue_bytes:
+            connection.dropped_frames = len(hold.events)
             connection.close(CLOSE_SLOW_CONSUMER, "slow consumer")
             self._on_slow(connection)
 
@@ -190,6 +231,8 @@ class Hub:
                 connection.enqueue(event.frame(connection.codec))
 
     def _on_slow(self, connection: Connection) -> None:
+        self.slow_closes += 1
+        self.dropped += connection.dropped_frames
         # called from inside the fan-out loop: forget after it, not during it
         asyncio.get_running_loop().call_soon(self.forget, connection)
         signals.slow_consumer_closed.send(self, client=connection.info,

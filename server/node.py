@@ -4,39 +4,75 @@ from __future__ import annotations
 
 import logging
 import socket
+from collections.abc import Sequence
 
 from config.settings import Settings
+from server import extensions, signals
+from server.auth import Auth
 from server.broker.base import Broker, BrokerOptions, create_broker
 from server.history import Retention
 from server.hub import Hub
+from server.metrics import Metrics, MetricSource
+from server.ratelimit import Limits
+from server.topics import is_pattern
 
 log = logging.getLogger("squall.node")
 
 CLOSE_GOING_AWAY = 1001
+CLOSE_EVENTS_LOST = 4009
 
 
 class Node:
     """Owns the engine of one process. Handlers reach it through ``initialize``."""
 
-    def __init__(self, settings: Settings, broker: Broker | None = None) -> None:
+    def __init__(self, settings: Settings, broker: Broker | None = None,
+                 limits: Limits | None = None) -> None:
         self.settings = settings
+        self.shutting_down = False
+        self.auth = Auth.from_settings(settings)
+        self.limits = limits or Limits(settings)
         self.name = settings.node_name or socket.gethostname()
         self.broker = broker or create_broker(settings.broker, broker_options(settings))
-        self.hub = Hub(self.broker, max_subscriptions=settings.max_subscriptions)
-        self.shutting_down = False
+        self.metrics = Metrics()
+        self.metric_sources: list[MetricSource] = []
+        self.hub = Hub(self.broker, max_subscriptions=settings.max_subscriptions,
+                       observe_publish=self.metrics.publish_seconds.observe,
+                       observe_fanout=self.metrics.fanout_seconds.observe)
+        self.metrics.watch(self)
+        self.webhooks = extensions.webhook_dispatcher(settings, self.name)
+        self.auth_hook = extensions.auth_hook(settings, self.name)
+        self.metric_sources.append(
+            lambda: extensions.extension_metrics(self.webhooks, self.auth_hook))
+        self.broker.on_gap = self._on_gap
+        self.broker.local_counts = self._count_local
 
     async def start(self) -> None:
         await self.broker.start(self.hub.deliver)
+        if self.webhooks is not None:
+            self.webhooks.start()
 
     async def stop(self) -> None:
         """Close every connection with 1001 (clients reconnect elsewhere), then the broker."""
         self.shutting_down = True
         self.hub.close_all(CLOSE_GOING_AWAY, "server shutting down")
         await self.broker.close()
+        timeout = self.settings.shutdown_timeout / 2
+        if self.webhooks is not None:
+            await self.webhooks.close(timeout)
+        await signals.shutdown(timeout)
 
     @property
     def ready(self) -> bool:
         return not self.shutting_down and self.broker.ready
+
+    def _on_gap(self, name: str) -> None:
+        self.hub.close_subscribers(name, CLOSE_EVENTS_LOST, "events lost; resume with since")
+
+    def _count_local(self, names: Sequence[str]) -> dict[str, int]:
+        """Local connections receiving each topic's events; a pattern's own subscribers."""
+        router = self.hub.router
+        return {name: router.subscribers(name) if is_pattern(name) else len(router.match(name))
+                for name in names}
 
 
 def broker_options(settings: Settings) -> BrokerOptions:

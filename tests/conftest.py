@@ -41,7 +41,7 @@ def node(squall_settings: Settings, io_loop: IOLoop) -> Any:
     node = Node(squall_settings)
     io_loop.run_sync(node.start)
     yield node
-    io_loop.run_sync(node.broker.close)
+    io_loop.run_sync(node.stop)  # also disconnects its webhooks from the signals
 
 
 @pytest.fixture

@@ -20,8 +20,8 @@ class ServerProcess:
 
     def __init__(self, *flags: str, env: dict[str, str] | None = None) -> None:
         # the port is read from the "listening" line, logged at info level
-        self.flags = ["--port", "0", "--host", "127.0.0.1", *flags, "--log-level", "info",
-                      "--access-log", "false"]
+        self.flags = ["--port", "0", "--host", "127.0.0.1", "--access-log", "false", *flags,
+                      "--log-level", "info"]
         self.env = {**os.environ, **(env or {})}
         self.process: subprocess.Popen[str] | None = None
         self.port = 0

@@ -33,7 +33,7 @@ frames = st.fixed_dictionaries(
 
 @pytest.fixture(scope="module")
 def server() -> Iterator[ServerProcess]:
-    with ServerProcess("--log-level", "error", "--max-bad-frames", "1000000") as process:
+    with ServerProcess("--max-bad-frames", "1000000", "--frame-rate", "0") as process:
         yield process
 
 
