@@ -96,3 +96,10 @@ def test_bad_setting_stops_the_start_with_one_line():
     assert result.stderr.strip().splitlines() == [
         "squall: setting port must be at least 0, got -5"]
     assert "Traceback" not in result.stderr
+
+
+def test_readme_documents_every_setting():
+    readme = (ROOT / "README.md").read_text()
+    for name, spec in FIELDS.items():
+        shown = f"--{name.replace('_', '-')}" if spec.metadata["cli"] else f"`{name}`"
+        assert shown in readme, f"README does not document {name}"
