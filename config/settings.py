@@ -280,6 +280,9 @@ def _validated(settings: Settings) -> Settings:
                                 f"got {value!r}")
     if settings.port > 65535:
         raise SettingsError(f"setting port must be at most 65535, got {settings.port}")
+    if settings.send_queue_bytes < settings.max_event_bytes + 16 * KiB:
+        raise SettingsError(f"setting send_queue_bytes ({settings.send_queue_bytes}) must "
+                            f"hold one largest event: at least max_event_bytes + 16384")
     if settings.ping_interval and settings.ping_timeout > settings.ping_interval:
         raise SettingsError(f"setting ping_timeout ({settings.ping_timeout:g}) must not exceed "
                             f"ping_interval ({settings.ping_interval:g})")

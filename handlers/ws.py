@@ -32,7 +32,12 @@ from urllib.parse import urlsplit
 from tornado.ioloop import IOLoop
 from tornado.iostream import IOStream
 from tornado.log import app_log
-from tornado.websocket import WebSocketHandler
+from tornado.websocket import (
+    WebSocketHandler,
+    WebSocketProtocol,
+    WebSocketProtocol13,
+    _WebSocketParams,
+)
 
 from server import signals
 from server.auth import Auth, Grant, request_summary
@@ -57,10 +62,20 @@ log = logging.getLogger("squall.ws")
 
 CLOSE_PROTOCOL_ABUSE = 4000
 CLOSE_UNAUTHORIZED = 4001
+CLOSE_GOING_AWAY = 1001
 CLOSE_FORBIDDEN = 4003
 CLOSE_RATE_LIMITED = 4029
 _client_ids = itertools.count(1)
 _id_prefix = os.urandom(3).hex()
+
+
+class _Protocol(WebSocketProtocol13):
+    """Tornado's protocol, but its ping timeout closes with 1001 (reconnect), not 1000."""
+
+    def close(self, code: int | None = None, reason: str | None = None) -> None:
+        if code is None and reason is not None:  # only Tornado's own closes look like this
+            code = CLOSE_GOING_AWAY
+        super().close(code, reason)
 
 
 class SocketHandler(WebSocketHandler):
@@ -98,6 +113,15 @@ class SocketHandler(WebSocketHandler):
         self.set_status(400)
         self.set_header("Content-Type", "application/json")
         self.finish(dump_json({"error": {"code": "invalid_body", "message": message}}))
+
+    def get_websocket_protocol(self) -> WebSocketProtocol | None:
+        if self.request.headers.get("Sec-WebSocket-Version") != "13":
+            return None
+        params = _WebSocketParams(ping_interval=self.ping_interval,
+                                  ping_timeout=self.ping_timeout,
+                                  max_message_size=self.max_message_size,
+                                  compression_options=self.get_compression_options())
+        return _Protocol(self, False, params)
 
     def select_subprotocol(self, subprotocols: list[str]) -> str | None:
         for offered in subprotocols:

@@ -41,6 +41,7 @@ from server.webhooks import SIGNATURE_HEADER, sign
 
 log = logging.getLogger("squall.authhook")
 
+MAX_CONCURRENT = 256  # questions in flight at once; more wait (and may time out: denied)
 FORWARDED_HEADERS = {"origin": "Origin", "cookie": "Cookie", "authorization": "Authorization",
                      "user_agent": "User-Agent"}
 
@@ -100,8 +101,8 @@ class AuthHook:
         raise Forbidden("authorization is unavailable; try again later")
 
     def _http(self) -> AsyncHTTPClient:
-        if self._client is None:
-            self._client = AsyncHTTPClient()
+        if self._client is None:  # its own client: webhooks and others never take its slots
+            self._client = AsyncHTTPClient(force_instance=True, max_clients=MAX_CONCURRENT)
         return self._client
 
 

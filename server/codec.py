@@ -65,12 +65,23 @@ def dump_json(value: Any) -> bytes:
 
 
 def load_json(raw: bytes | str) -> Any:
-    """Parse strict JSON (no NaN/Infinity), or raise ``invalid_body``."""
+    """Parse strict JSON (no NaN/Infinity), or raise ``invalid_body``.
+
+    The value must also be one every codec can carry (no lone surrogates, integers
+    within 64 bits), so that no subscriber's encoding can fail later.
+    """
     try:
         text = raw.decode("utf-8") if isinstance(raw, bytes | bytearray) else raw
-        return _json_decoder.decode(text)
+        value = _json_decoder.decode(text)
     except (ValueError, RecursionError) as exc:
         raise SquallError("invalid_body", f"malformed JSON: {_first_line(exc)}") from None
+    try:
+        dump_msgpack(value)
+    except (ValueError, OverflowError, TypeError, RecursionError) as exc:
+        raise SquallError("invalid_body", "the value cannot be carried by every codec "
+                          f"(integers must fit 64 bits, strings be valid Unicode): "
+                          f"{_first_line(exc)}") from None
+    return value
 
 
 def dump_msgpack(value: Any) -> bytes:

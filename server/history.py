@@ -83,6 +83,7 @@ class MemoryHistory:
 
     def append(self, event: Event) -> None:
         """Retain ``event``, the newest of its epoch, and enforce every bound."""
+        size = event.size  # encodes the event: fails before any state changes
         self.last_seq = event.seq
         log = self._logs.get(event.topic)
         if log is None:
@@ -91,8 +92,8 @@ class MemoryHistory:
         else:
             self._logs.move_to_end(event.topic)
         log.events.append(event)
-        log.bytes += event.size
-        self._bytes += event.size
+        log.bytes += size
+        self._bytes += size
         self._trim(event.topic, log)
         self._evict_topics()
 

@@ -73,6 +73,7 @@ class Hub:
         self.connections: set[Connection] = set()
         self.delivered = 0
         self._edges: set[asyncio.Task[None]] = set()
+        self._subscribing: dict[str, asyncio.Future[None]] = {}
 
     # -- connections ---------------------------------------------------------
 
@@ -167,9 +168,20 @@ class Hub:
         return dict(self.router.names())
 
     async def _add(self, connection: Connection, name: str) -> None:
+        """Subscribe locally; returns once the broker delivers ``name``'s events here."""
         connection.subscriptions[name] = None
-        if self.router.add(name, connection):
+        if not self.router.add(name, connection):
+            pending = self._subscribing.get(name)
+            if pending is not None:  # the first subscriber's broker subscribe is under way
+                await asyncio.shield(pending)
+            return
+        confirmed = asyncio.get_running_loop().create_future()
+        self._subscribing[name] = confirmed
+        try:
             await self.broker.subscribe(name)
+        finally:
+            del self._subscribing[name]
+            confirmed.set_result(None)
 
     def _remove(self, connection: Connection, name: str) -> None:
         connection.subscriptions.pop(name, None)
@@ -189,11 +201,13 @@ class Hub:
         if hold is None:
             hold = connection.hold = _Hold()
         hold.replays += 1
+        new = name not in connection.subscriptions
         try:
             await self._add(connection, name)
             replay = await self.broker.history(name, since)
         except BaseException:
-            self._remove(connection, name)  # the client got an error: not subscribed
+            if new:
+                self._remove(connection, name)  # the client got an error: not subscribed
             self._release(connection, hold)
             raise
         await self._replay(connection, hold, replay.events)
@@ -213,6 +227,8 @@ class Hub:
                     return
 
     def _hold_back(self, connection: Connection, event: Event) -> None:
+        if connection.closed:
+            return
         hold: _Hold = connection.hold
         hold.events.append(event)
         hold.bytes += event.size

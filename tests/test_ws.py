@@ -7,7 +7,7 @@ import json
 import pytest
 import websockets
 
-from tests.rawws import RawSocket
+from tests.rawws import RawSocket, close_code
 
 pytestmark = pytest.mark.gen_test(timeout=20)
 
@@ -180,9 +180,10 @@ async def test_server_pings_and_closes_clients_that_stop_answering(ws_connect, h
     try:
         opcodes = []
         while 0x8 not in opcodes:  # until the server gives up on the silent client
-            opcode, _ = await silent.read_frame(timeout=5)
+            opcode, payload = await silent.read_frame(timeout=5)
             opcodes.append(opcode)
         assert opcodes[0] == 0x9  # a server ping, never answered
+        assert close_code(payload) == 1001  # "going away": clients reconnect
     finally:
         silent.close()
     await answering.send({"type": "ping"})
