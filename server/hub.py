@@ -74,6 +74,8 @@ class Hub:
         self.delivered = 0
         self._edges: set[asyncio.Task[None]] = set()
         self._subscribing: dict[str, asyncio.Future[None]] = {}
+        self._publishing = 0
+        self._idle: asyncio.Event | None = None
 
     # -- connections ---------------------------------------------------------
 
@@ -105,12 +107,29 @@ class Hub:
         for connection in list(self.connections):
             connection.close(code, reason, drain=True)
 
+    async def idle(self, timeout: float) -> bool:
+        """Wait until no publish is under way; False if one still is after ``timeout``."""
+        if not self._publishing:
+            return True
+        self._idle = asyncio.Event()
+        try:
+            await asyncio.wait_for(self._idle.wait(), timeout)
+        except TimeoutError:
+            return False
+        return True
+
     # -- publishing and fan-out ---------------------------------------------
 
     async def publish(self, requests: Sequence[PublishRequest]) -> list[Published]:
         """Publish through the broker; raises ``SquallError`` (e.g. unavailable)."""
         started = time.perf_counter()
-        outcomes = await self.broker.publish(requests)
+        self._publishing += 1
+        try:
+            outcomes = await self.broker.publish(requests)
+        finally:
+            self._publishing -= 1
+            if not self._publishing and self._idle is not None:
+                self._idle.set()
         self.observe_publish(time.perf_counter() - started)
         self.published += sum(1 for outcome in outcomes if not outcome.duplicate)
         if signals.event_published.has_receivers:

@@ -52,9 +52,20 @@ class Node:
             self.webhooks.start()
 
     async def stop(self) -> None:
-        """Close every connection with 1001 (clients reconnect elsewhere), then the broker."""
+        """Shut down: ``drain``, then ``close``."""
+        await self.drain(self.settings.shutdown_timeout)
+        await self.close()
+
+    async def drain(self, timeout: float) -> None:
+        """Turn unready, close every WebSocket with 1001 (clients reconnect elsewhere)
+        and wait, up to ``timeout``, for publishes under way to finish."""
         self.shutting_down = True
         self.hub.close_all(CLOSE_GOING_AWAY, "server shutting down")
+        if not await self.hub.idle(timeout):
+            log.warning("publishes still under way after %.0fs", timeout)
+
+    async def close(self) -> None:
+        """Release the broker, the webhooks and the signal queues."""
         await self.broker.close()
         timeout = self.settings.shutdown_timeout / 2
         if self.webhooks is not None:

@@ -155,11 +155,12 @@ async def _shutdown(node: Node, server: HTTPServer, timeout: float) -> int:
     """Stop accepting, close WebSockets with 1001, finish in-flight requests."""
     log.info("shutting down (up to %.0fs)", timeout)
     server.stop()
-    await node.stop()
+    await node.drain(timeout)
     try:
         await asyncio.wait_for(server.close_all_connections(), timeout)
     except TimeoutError:
         log.warning("connections still open after %.0fs; exiting anyway", timeout)
+    await node.close()
     log.info("stopped")
     return 0
 
