@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 import os
 import re
@@ -9,10 +10,24 @@ import subprocess
 import sys
 import threading
 import urllib.request
+from collections.abc import Coroutine
 from pathlib import Path
+from typing import Any, TypeVar
+
+T = TypeVar("T")
 
 ROOT = Path(__file__).resolve().parent.parent
 _LISTENING = re.compile(r"listening on http://[^:]+:(\d+)")
+
+
+def run_async(coroutine: Coroutine[Any, Any, T]) -> T:
+    """Run a client scenario on a loop of its own, leaving the thread's current event
+    loop alone (``asyncio.run`` unsets it, and later tests would make one implicitly)."""
+    loop = asyncio.new_event_loop()
+    try:
+        return loop.run_until_complete(coroutine)
+    finally:
+        loop.close()
 
 
 class ServerProcess:

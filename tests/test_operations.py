@@ -11,7 +11,7 @@ import time
 import pytest
 import websockets
 
-from tests.server_process import ServerProcess
+from tests.server_process import ServerProcess, run_async
 
 
 def metric(text: str, name: str) -> float:
@@ -82,7 +82,7 @@ def test_signal_closes_websockets_with_1001_and_exits_0(signum):
 
     try:
         started = time.monotonic()
-        assert asyncio.run(scenario()) == 1001
+        assert run_async(scenario()) == 1001
         assert server.process is not None
         assert server.process.wait(10) == 0
         assert time.monotonic() - started < 8
@@ -104,7 +104,7 @@ def test_one_access_line_per_request_none_per_frame():
         await socket.close()
 
     try:
-        asyncio.run(scenario())
+        run_async(scenario())
         server.get_json("/healthz")
     finally:
         server.stop()
