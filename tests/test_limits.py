@@ -6,12 +6,11 @@ from __future__ import annotations
 import json
 
 import pytest
-import websockets
 
 from server.node import Node
 from server.ratelimit import ConnectionCounter, KeyedBuckets, Limits, TokenBucket, Verdict
 from tests.auth_support import API_KEY, OTHER_API_KEY, SECRET, bearer, token
-from tests.conftest import TIMEOUT, Client
+from tests.conftest import Client
 
 pytestmark = pytest.mark.gen_test(timeout=20)
 
@@ -149,38 +148,12 @@ async def test_frame_rate_zero_is_no_limit(ws_connect):
 # -- connections -----------------------------------------------------------------------
 
 
-async def connect_from(ws_url: str, address: str) -> Client:
-    socket = await websockets.connect(ws_url, subprotocols=["squall.v1.json"],
-                                      open_timeout=TIMEOUT, local_addr=(address, 0))
-    return Client(socket, binary=False)
-
-
-@pytest.fixture
-def sockets_from(ws_url, io_loop):
-    """Clients from other loopback addresses (127.0.0.2, ...), closed after the test."""
-    opened: list[Client] = []
-
-    async def connect(address: str) -> Client:
-        client = await connect_from(ws_url, address)
-        opened.append(client)
-        return client
-
-    yield connect
-
-    async def close_all() -> None:
-        for client in opened:
-            await client.socket.close()
-
-    io_loop.run_sync(close_all)
-
-
 @pytest.mark.settings(max_connections_per_ip=2)
-async def test_connections_per_ip_close_with_4029_and_free_their_place(ws_connect,
-                                                                        sockets_from):
+async def test_connections_per_ip_close_with_4029_and_free_their_place(ws_connect):
     first, second = await ws_connect(), await ws_connect()
     third = await ws_connect()
     assert await third.closed_with() == 4029
-    other_address = await sockets_from("127.0.0.2")  # another client is not affected
+    other_address = await ws_connect(local_addr=("127.0.0.2", 0))  # another client: unaffected
     assert (await ping(other_address, 1))["type"] == "pong"
     await second.socket.close()
     replacement = await ws_connect()
