@@ -93,6 +93,8 @@ class Settings:
                                          "tracked at once", minimum=1)
     send_queue_bytes: int = _setting(1 * MiB, "bytes queued for one connection before it "
                                      "is closed as a slow consumer (4008)", minimum=1024)
+    write_delay: float = _setting(0.02, "seconds a busy server may hold frames to write "
+                                  "many events per send (0: every loop pass)", minimum=0)
     ping_interval: float = _setting(20.0, "seconds between server WebSocket pings (0: none)",
                                     minimum=0)
     ping_timeout: float = _setting(20.0, "seconds to wait for a pong before closing",

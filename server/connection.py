@@ -1,12 +1,17 @@
 """One subscriber connection: a byte-bounded send queue and its writer.
 
 Publishing never waits on a socket. ``enqueue`` appends ready-made frame bytes to the
-connection's queue in O(1); once per IOLoop pass the ``Flusher`` hands each
-connection that got data its whole queue as one write. When the socket's buffer in
-Tornado is empty the bytes go straight to ``socket.send``; what the kernel does not
-take (and everything while a previous write is still pending) goes through the
-IOStream, and the connection waits for that write to finish before the next one, so
-frames never interleave and at most one batch sits in Tornado's buffer.
+connection's queue in O(1); the ``Flusher`` then hands each connection that got data
+its whole queue as one write. When the socket's buffer in Tornado is empty the bytes
+go straight to ``socket.send``; what the kernel does not take (and everything while a
+previous write is still pending) goes through the IOStream, and the connection waits
+for that write to finish before the next one, so frames never interleave and at most
+one batch sits in Tornado's buffer.
+
+Fan-out to N sockets costs N ``send()`` calls per flush, whatever the number of
+events in it, so flushes are paced: at low rates each flush runs on the next loop
+pass, and when events keep coming the next flush waits a bounded while (a multiple
+of the last flush's duration, at most ``max_delay``) to carry all of them at once.
 
 The queue counts queued plus in-flight bytes. Past ``max_queue_bytes`` the
 connection is a slow consumer: its queue is dropped and it is closed with 4008.
@@ -39,23 +44,58 @@ class Transport(Protocol):
 
 
 class Flusher:
-    """Writes every connection that got data during this loop pass, once, next pass."""
+    """Writes every connection that got data, once per flush.
 
-    def __init__(self) -> None:
+    A flush runs on the loop pass after the first frame was queued, but not before
+    ``pace`` times the previous flush's duration (at most ``max_delay`` seconds) has
+    passed since that flush ended. Busy flushes therefore take at most about
+    ``1 / (1 + pace)`` of the loop's time, and everything queued meanwhile goes out
+    in the same write; a flush after a quiet spell does not wait. ``before`` runs at
+    the start of every flush (the hub queues the frames of recent events there).
+    """
+
+    def __init__(self, pace: float = 0.0, max_delay: float = 0.0) -> None:
+        self.pace = pace
+        self.max_delay = max_delay
+        self.before: Callable[[], None] | None = None
         self._dirty: list[Connection] = []
+        self._scheduled = False
+        self._not_before = 0.0
         self._loop: asyncio.AbstractEventLoop | None = None
 
     def mark(self, connection: Connection) -> None:
-        if not self._dirty:
-            if self._loop is None:
-                self._loop = asyncio.get_running_loop()
-            self._loop.call_soon(self._flush)
+        """``connection`` has data to write: write it at the next flush."""
         self._dirty.append(connection)
+        if not self._scheduled:
+            self.schedule()
+
+    def schedule(self) -> None:
+        """Make sure a flush is coming (for ``before`` to run, say)."""
+        if self._scheduled:
+            return
+        self._scheduled = True
+        loop = self._loop
+        if loop is None:
+            loop = self._loop = asyncio.get_running_loop()
+        if self._not_before > loop.time():
+            loop.call_at(self._not_before, self._flush)
+        else:
+            loop.call_soon(self._flush)
 
     def _flush(self) -> None:
-        dirty, self._dirty = self._dirty, []
+        loop = self._loop
+        assert loop is not None
+        started = loop.time()
+        try:
+            if self.before is not None:
+                self.before()
+        finally:
+            self._scheduled = False
+            dirty, self._dirty = self._dirty, []
         for connection in dirty:
             connection.flush()
+        ended = loop.time()
+        self._not_before = ended + min(self.max_delay, (ended - started) * self.pace)
 
 
 class Connection:
@@ -68,6 +108,7 @@ class Connection:
         "_inflight",
         "_marked",
         "_pending",
+        "_pending_frames",
         "_queued",
         "_transport",
         "_writing",
@@ -96,6 +137,7 @@ class Connection:
         self._transport = transport
         self._flusher = flusher
         self._pending: list[bytes] = []
+        self._pending_frames = 0
         self._queued = 0
         self._inflight = 0
         self._marked = False
@@ -107,16 +149,20 @@ class Connection:
         """Bytes waiting in this connection's queue or in flight to its socket."""
         return self._queued
 
-    def enqueue(self, frame: bytes) -> None:
-        """Queue one complete frame for sending. O(1); never blocks or raises."""
+    def enqueue(self, frames: bytes, count: int = 1) -> None:
+        """Queue ``count`` complete frames (their bytes, joined) for sending.
+
+        O(1); never blocks or raises.
+        """
         if self.closed:
             return
-        queued = self._queued + len(frame)
+        queued = self._queued + len(frames)
         if queued > self.max_queue_bytes:
-            self._overflow()
+            self._overflow(count)
             return
         self._queued = queued
-        self._pending.append(frame)
+        self._pending.append(frames)
+        self._pending_frames += count
         if not self._marked:
             self._marked = True
             self._flusher.mark(self)
@@ -161,6 +207,7 @@ class Connection:
             return
         data = b"".join(self._pending)
         self._pending.clear()
+        self._pending_frames = 0
         try:
             stream.write(data)  # behind any write in flight: the stream keeps the order
         except StreamClosedError:
@@ -170,6 +217,7 @@ class Connection:
         """The transport closed: stop writing and release the queue."""
         self.closed = True
         self._pending.clear()
+        self._pending_frames = 0
         self._queued = self._inflight
         self._wake_drain()
 
@@ -185,6 +233,7 @@ class Connection:
         pending = self._pending
         data = pending[0] if len(pending) == 1 else b"".join(pending)
         pending.clear()
+        self._pending_frames = 0
         sent = self._send_direct(stream, data)
         if sent < 0:
             return
@@ -230,8 +279,8 @@ class Connection:
             self._marked = True
             self._flusher.mark(self)
 
-    def _overflow(self) -> None:
-        self.dropped_frames = len(self._pending) + 1
+    def _overflow(self, count: int) -> None:
+        self.dropped_frames = self._pending_frames + count
         queued = self._queued
         log.info("closing slow consumer %s: %d bytes queued", self.info, queued)
         self.close(CLOSE_SLOW_CONSUMER, "slow consumer")

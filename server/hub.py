@@ -1,8 +1,12 @@
 """The hub: this node's subscribers, and the fan-out of every event to them.
 
-``deliver`` is the broker's ``on_event``: it matches the topic, takes each codec's
-frame bytes from the event (encoded once, shared by all) and enqueues them on every
-matching connection. It never awaits and never raises into the broker.
+``deliver`` is the broker's ``on_event``: it matches the topic and notes the event
+and its subscribers; it never awaits and never raises into the broker. Consecutive
+events of one topic form a run. At the next flush each run is fanned out: its frames
+(encoded once per codec by the events, shared by all) are joined once, and every
+subscriber's queue gets that one chunk, so the work per subscriber is per flush,
+not per event. Whatever changes what a subscriber should see (the end of a replay,
+an unsubscribe, a shutdown) fans the pending runs out first.
 
 A subscribe with ``since`` replays history before live events. While a connection
 has a replay under way, its live events are held back (bounded by its queue limit)
@@ -21,7 +25,7 @@ from typing import Any, NamedTuple
 
 from server import signals
 from server.broker.base import Broker, Published, PublishRequest
-from server.codec import JSON
+from server.codec import JSON, Codec
 from server.commands import with_ref
 from server.connection import CLOSE_SLOW_CONSUMER, Connection, Flusher
 from server.errors import SquallError
@@ -44,6 +48,29 @@ def _ignore(seconds: float) -> None:
     pass
 
 
+class _Run:
+    """Consecutive events of one topic since the last flush, and their subscribers."""
+
+    __slots__ = ("events", "subscribers", "topic", "version")
+
+    def __init__(self, topic: str, version: int, subscribers: tuple[Connection, ...],
+                 event: Event) -> None:
+        self.topic = topic
+        self.version = version
+        self.subscribers = subscribers
+        self.events = [event]
+
+    def chunk(self, codec: Codec) -> bytes:
+        """Every event's frame in ``codec``, joined."""
+        if len(self.events) == 1:
+            return self.events[0].frame(codec)
+        return b"".join([event.frame(codec) for event in self.events])
+
+
+# A run this long is fanned out at once rather than at the flush: bounds the backlog.
+MAX_RUN_EVENTS = 512
+
+
 @dataclass
 class _Hold:
     """Live events kept back from a connection while replays are under way."""
@@ -59,7 +86,8 @@ class Hub:
 
     def __init__(self, broker: Broker, max_subscriptions: int = 100,
                  observe_publish: Callable[[float], None] = _ignore,
-                 observe_fanout: Callable[[float], None] = _ignore) -> None:
+                 observe_fanout: Callable[[float], None] = _ignore,
+                 flusher: Flusher | None = None) -> None:
         self.broker = broker
         self.max_subscriptions = max_subscriptions
         self.observe_publish = observe_publish
@@ -69,7 +97,9 @@ class Hub:
         self.dropped = 0
         self.slow_closes = 0
         self.router: Router[Connection] = Router()
-        self.flusher = Flusher()
+        self.flusher = flusher or Flusher()
+        self.flusher.before = self.fan_out
+        self._runs: list[_Run] = []
         self.connections: set[Connection] = set()
         self.delivered = 0
         self._edges: set[asyncio.Task[None]] = set()
@@ -104,6 +134,7 @@ class Hub:
 
     def close_all(self, code: int, reason: str) -> None:
         """Close every connection (shutdown), letting queued frames go first."""
+        self.fan_out()
         for connection in list(self.connections):
             connection.close(code, reason, drain=True)
 
@@ -140,23 +171,45 @@ class Hub:
         return outcomes
 
     def deliver(self, event: Event) -> None:
-        """Fan ``event`` out to every matching local connection. Never blocks."""
+        """Note ``event`` for every matching local connection. O(1) per event in a run."""
+        runs = self._runs
+        if runs:
+            run = runs[-1]
+            if run.topic == event.topic and run.version == self.router.version:
+                run.events.append(event)
+                self.delivered += len(run.subscribers)
+                if len(run.events) >= MAX_RUN_EVENTS:
+                    self.fan_out()
+                return
         subscribers = self.router.match(event.topic)
         if not subscribers:
             return
-        started = time.perf_counter()
-        json_frame: bytes | None = None
-        for connection in subscribers:
-            if connection.hold is not None:
-                self._hold_back(connection, event)
-            elif connection.codec is JSON:  # the common case: one frame for all, no lookup
-                if json_frame is None:
-                    json_frame = event.frame(JSON)
-                connection.enqueue(json_frame)
-            else:
-                connection.enqueue(event.frame(connection.codec))
+        runs.append(_Run(event.topic, self.router.version, tuple(subscribers), event))
         self.delivered += len(subscribers)
-        self.observe_fanout(time.perf_counter() - started)
+        self.flusher.schedule()
+
+    def fan_out(self) -> None:
+        """Queue the frames of every event delivered so far on its subscribers."""
+        runs, self._runs = self._runs, []
+        for run in runs:
+            started = time.perf_counter()
+            json_chunk: bytes | None = None
+            chunks: dict[Codec, bytes] = {}
+            count = len(run.events)
+            for connection in run.subscribers:
+                if connection.hold is not None:
+                    for event in run.events:
+                        self._hold_back(connection, event)
+                elif connection.codec is JSON:  # the common case: no lookup
+                    if json_chunk is None:
+                        json_chunk = run.chunk(JSON)
+                    connection.enqueue(json_chunk, count)
+                else:
+                    chunk = chunks.get(connection.codec)
+                    if chunk is None:
+                        chunk = chunks[connection.codec] = run.chunk(connection.codec)
+                    connection.enqueue(chunk, count)
+            self.observe_fanout(time.perf_counter() - started)
 
     # -- subscriptions -------------------------------------------------------
 
@@ -178,6 +231,7 @@ class Hub:
     async def unsubscribe(self, connection: Connection, name: str, ref: Any = None) -> None:
         if name not in connection.subscriptions:
             raise SquallError("not_found", f"not subscribed to {name!r}")
+        self.fan_out()  # what was published before goes before ``unsubscribed``
         self._remove(connection, name)
         connection.send(with_ref({"type": "unsubscribed", "topic": name}, ref))
         signals.unsubscribed.send(self, client=connection.info, topic=name)
@@ -257,6 +311,7 @@ class Hub:
             self._on_slow(connection)
 
     def _release(self, connection: Connection, hold: _Hold) -> None:
+        self.fan_out()  # events delivered during the replay are held back, not sent twice
         hold.replays -= 1
         if hold.replays:
             return

@@ -33,8 +33,9 @@ class Metrics:
             "squall_publish_duration_seconds", "Time to publish through the broker, per request",
             buckets=_LATENCY_BUCKETS, registry=self.registry)
         self.fanout_seconds = Histogram(
-            "squall_fanout_duration_seconds", "Time to enqueue one event for every local "
-            "subscriber", buckets=_LATENCY_BUCKETS, registry=self.registry)
+            "squall_fanout_duration_seconds", "Time to queue a run of events (consecutive "
+            "events of one topic, one loop pass) for every local subscriber",
+            buckets=_LATENCY_BUCKETS, registry=self.registry)
         self.http_requests = Counter(
             "squall_http_requests", "HTTP requests answered, by status code", ["status"],
             registry=self.registry)

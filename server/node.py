@@ -10,6 +10,7 @@ from config.settings import Settings
 from server import extensions, signals
 from server.auth import Auth
 from server.broker.base import Broker, BrokerOptions, create_broker
+from server.connection import Flusher
 from server.history import Retention
 from server.hub import Hub
 from server.metrics import Metrics, MetricSource
@@ -19,6 +20,9 @@ from server.topics import is_pattern
 log = logging.getLogger("squall.node")
 
 CLOSE_GOING_AWAY = 1001
+# After a flush that took T, a busy node waits WRITE_PACE * T (at most write_delay)
+# before the next: writing then takes at most about a third of its time.
+WRITE_PACE = 2.0
 CLOSE_EVENTS_LOST = 4009
 
 
@@ -37,7 +41,8 @@ class Node:
         self.metric_sources: list[MetricSource] = []
         self.hub = Hub(self.broker, max_subscriptions=settings.max_subscriptions,
                        observe_publish=self.metrics.publish_seconds.observe,
-                       observe_fanout=self.metrics.fanout_seconds.observe)
+                       observe_fanout=self.metrics.fanout_seconds.observe,
+                       flusher=Flusher(WRITE_PACE, settings.write_delay))
         self.metrics.watch(self)
         self.webhooks = extensions.webhook_dispatcher(settings, self.name)
         self.auth_hook = extensions.auth_hook(settings, self.name)

@@ -28,11 +28,13 @@ class Router(Generic[S]):
     """Maps subscription names (topics and patterns) to their subscribers.
 
     Subscribers are any hashable objects. A subscriber registered under several
-    names that all match a topic is returned once by ``match``. Not thread-safe:
-    use it from the IOLoop only.
+    names that all match a topic is returned once by ``match``. ``version`` changes
+    whenever a subscription is added or removed, so a caller may reuse a ``match``
+    while it stays the same. Not thread-safe: use it from the IOLoop only.
     """
 
     def __init__(self) -> None:
+        self.version = 0
         self._names: dict[str, dict[S, None]] = {}
         self._root: _Node[S] = _Node()
         self._pattern_count = 0
@@ -46,6 +48,7 @@ class Router(Generic[S]):
             if is_pattern(name):
                 self._insert_pattern(name, subscribers)
         subscribers[subscriber] = None
+        self.version += 1
         return first
 
     def remove(self, name: str, subscriber: S) -> bool:
@@ -54,6 +57,7 @@ class Router(Generic[S]):
         if subscribers is None or subscriber not in subscribers:
             return False
         del subscribers[subscriber]
+        self.version += 1
         if subscribers:
             return False
         del self._names[name]
