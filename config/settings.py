@@ -97,7 +97,8 @@ class Settings:
                                   "many events per send (0: every loop pass)", minimum=0)
     ping_interval: float = _setting(20.0, "seconds between server WebSocket pings (0: none)",
                                     minimum=0)
-    ping_timeout: float = _setting(20.0, "seconds to wait for a pong before closing",
+    ping_timeout: float = _setting(20.0, "seconds to wait for a pong before closing "
+                                   "(0: never close)",
                                    minimum=0)
     # history and broker
     history_size: int = _setting(100, "events retained per topic (0: no history)", minimum=0)

@@ -3,8 +3,8 @@
 Limits (settings): ``max_frame_bytes`` per client message (closed with 1009 above),
 ``max_event_bytes`` per published event, ``max_subscriptions`` per connection,
 ``max_bad_frames`` before a close with 4000, ``send_queue_bytes`` before a close with
-4008, and server pings every ``ping_interval`` seconds, closing after
-``ping_timeout`` without a pong.
+4008, and server pings every ``ping_interval`` seconds, closing with 1001 after
+``ping_timeout`` without a pong (server/keepalive.py, one task for the node).
 
 A bad frame is answered with an ``error`` frame and the connection stays open. All
 outgoing frames, replies included, go through the connection's queue, so replies
@@ -18,10 +18,16 @@ the connection with 4001 when it comes. Each subscribe and publish is checked
 against the client's grant (server/auth.py): ``forbidden`` is an error frame, and the
 connection stays open. Frames over ``frame_rate``/``frame_burst`` are answered with
 ``rate_limited`` and, if the client keeps on, closed with 4029 (server/ratelimit.py).
+
+``SocketHandler`` runs the handshake and admission; an admitted client is handed to
+a ``Session``, which is all that an open connection keeps (idle connections are most
+of a server's memory).
 """
 
 from __future__ import annotations
 
+import asyncio
+import functools
 import itertools
 import logging
 import os
@@ -30,7 +36,7 @@ from typing import Any
 from urllib.parse import urlsplit
 
 from tornado.ioloop import IOLoop
-from tornado.iostream import IOStream
+from tornado.iostream import IOStream, StreamClosedError
 from tornado.log import app_log
 from tornado.websocket import (
     WebSocketHandler,
@@ -70,30 +76,47 @@ _id_prefix = os.urandom(3).hex()
 
 
 class _Protocol(WebSocketProtocol13):
-    """Tornado's protocol, but its ping timeout closes with 1001 (reconnect), not 1000."""
+    """Tornado's protocol, reading frames in a task of its own.
 
-    def close(self, code: int | None = None, reason: str | None = None) -> None:
-        if code is None and reason is not None:  # only Tornado's own closes look like this
-            code = CLOSE_GOING_AWAY
-        super().close(code, reason)
+    Tornado reads frames in the coroutine that ran the handshake, which keeps the
+    request handler, the request and its headers alive as long as the connection.
+    Here that coroutine ends once ``open`` is done, so an open connection holds only
+    the ``Session`` the handler handed it to. Like Tornado's task, the reader is kept
+    alive by the read it waits on (the IOLoop holds the stream while it reads); no
+    attribute refers to it (one more would cost each connection a dict of its own).
+    """
+
+    async def _receive_frame_loop(self) -> None:
+        reader = asyncio.get_running_loop().create_task(super()._receive_frame_loop())
+        reader.add_done_callback(self._reader_done)
+
+    def _reader_done(self, reader: asyncio.Task[None]) -> None:
+        error = None if reader.cancelled() else reader.exception()
+        if error is not None:
+            self.handler.log_exception(type(error), error, error.__traceback__)
+            self._abort()
+
+
+@functools.lru_cache(maxsize=8)
+def _protocol_params(max_message_size: int) -> _WebSocketParams:
+    """One set of protocol parameters for all connections (Tornado never changes it).
+    No pings: the node's keepalive sends them."""
+    return _WebSocketParams(max_message_size=max_message_size)
 
 
 class SocketHandler(WebSocketHandler):
-    """One WebSocket client: parses its frames and calls the hub."""
+    """The handshake of one WebSocket client: admits it, then hands it to a ``Session``.
 
-    node: Node
-    connection: Connection | None = None
+    Once ``open`` is done this handler, its request and its headers are released: a
+    ``Session`` is all that an open connection keeps.
+    """
 
     def initialize(self, node: Node, auth: Auth) -> None:
         self.node = node
         self.auth = auth
         self.codec: Codec = JSON
-        self.bad_frames = 0
         self.origin_refused = False
-        self.rights: Grant | None = None
-        self.frames: FrameLimiter = node.limits.frame_limiter()
         self._counted_ip: str | None = None
-        self._expiry: object | None = None
 
     # -- handshake -------------------------------------------------------------
 
@@ -117,11 +140,7 @@ class SocketHandler(WebSocketHandler):
     def get_websocket_protocol(self) -> WebSocketProtocol | None:
         if self.request.headers.get("Sec-WebSocket-Version") != "13":
             return None
-        params = _WebSocketParams(ping_interval=self.ping_interval,
-                                  ping_timeout=self.ping_timeout,
-                                  max_message_size=self.max_message_size,
-                                  compression_options=self.get_compression_options())
-        return _Protocol(self, False, params)
+        return _Protocol(self, False, _protocol_params(self.max_message_size))
 
     def select_subprotocol(self, subprotocols: list[str]) -> str | None:
         for offered in subprotocols:
@@ -142,19 +161,17 @@ class SocketHandler(WebSocketHandler):
             return
         client_id = f"c-{_id_prefix}{next(_client_ids):x}"
         rights = await self._ask_backend(client_id, rights)
-        if rights is None:
+        protocol = self.ws_connection
+        if rights is None or protocol is None:
             return
-        self.rights = rights
-        settings = self.node.settings
         info = signals.ClientInfo(id=client_id, sub=rights.sub, ip=self.request.remote_ip or "")
-        self.connection = Connection(self, self.codec, self.node.hub.flusher,
-                                     settings.send_queue_bytes, info)
-        self.node.hub.attach(self.connection)
-        signals.client_connected.send(self, client=info)
-        self._expire_at(rights.expires_at)
-        for topic in self.get_query_arguments("topic"):
-            await self._on_frame(self.connection,
-                                 self.codec.dumps({"type": "subscribe", "topic": topic}))
+        session = Session(protocol, self.node, self.codec, rights, info, self._counted_ip)
+        self._counted_ip = None  # the session counts it out now
+        topics = self.get_query_arguments("topic")
+        protocol.handler = session
+        # Tornado breaks the handler's own cycles when it closes; it is done now
+        super(WebSocketHandler, self)._break_cycles()
+        await session.start(topics)
 
     def _admit(self) -> Grant | None:
         """The client's grant, or None after closing it (4003, 4001 or 4029)."""
@@ -195,6 +212,55 @@ class SocketHandler(WebSocketHandler):
                   reason)
         self.close(code, reason[:120])  # a close reason holds at most 123 bytes
 
+    def on_close(self) -> None:
+        """A client refused, or gone before its session started."""
+        if self._counted_ip is not None:
+            self.node.limits.connections.release(self._counted_ip)
+            self._counted_ip = None
+
+    def _request_summary(self) -> str:
+        return request_summary(self.request)
+
+    def log_exception(self, typ: Any, value: Any, tb: Any) -> None:
+        app_log.error("Uncaught exception in WebSocket %s", self._request_summary(),
+                      exc_info=(typ, value, tb))
+
+
+class Session:
+    """One open WebSocket client: parses its frames and calls the hub.
+
+    Tornado's protocol calls it as its delegate (``on_message``, ``on_pong``,
+    ``on_ws_connection_close``, ``log_exception``); its ``Connection`` writes through
+    it (the ``Transport``); the node's keepalive pings it (a ``Peer``). Every client
+    has one for as long as it is open, so it keeps only what it needs.
+    """
+
+    __slots__ = ("_counted_ip", "_expiry", "bad_frames", "codec", "connection", "frames", "node",
+                 "rights", "ws_connection")
+
+    def __init__(self, protocol: WebSocketProtocol, node: Node, codec: Codec, rights: Grant,
+                 info: signals.ClientInfo, counted_ip: str | None) -> None:
+        self.ws_connection: WebSocketProtocol | None = protocol
+        self.node = node
+        self.codec = codec
+        self.rights = rights
+        self.frames: FrameLimiter = node.limits.frame_limiter()
+        self.bad_frames = 0
+        self.connection = Connection(self, codec, node.hub.flusher,
+                                     node.settings.send_queue_bytes, info)
+        self._counted_ip = counted_ip
+        self._expiry: object | None = None
+
+    async def start(self, topics: list[str]) -> None:
+        """Join the hub and the keepalive, then subscribe to the query's ``topics``."""
+        node = self.node
+        node.hub.attach(self.connection)
+        node.keepalive.add(self)
+        signals.client_connected.send(self, client=self.connection.info)
+        self._expire_at(self.rights.expires_at)
+        for topic in topics:
+            await self._on_frame(self.codec.dumps({"type": "subscribe", "topic": topic}))
+
     def _expire_at(self, expires_at: float | None) -> None:
         """Close with 4001 when the token expires (IOLoop time runs on its own clock)."""
         if expires_at is None:
@@ -204,43 +270,44 @@ class SocketHandler(WebSocketHandler):
 
     def _expired(self) -> None:
         self._expiry = None
+        self._close(CLOSE_UNAUTHORIZED, "token expired", drain=True)
+
+    def _close(self, code: int, reason: str, drain: bool = False) -> None:
         connection = self.connection
-        if connection is not None and not connection.closed:
-            connection.close(CLOSE_UNAUTHORIZED, "token expired", drain=True)
+        if not connection.closed:
+            connection.close(code, reason, drain=drain)
             self.node.hub.forget(connection)
 
     # -- frames ------------------------------------------------------------------
 
     async def on_message(self, message: str | bytes) -> None:
-        connection = self.connection
-        if connection is None or connection.closed:
+        if self.connection.closed:
             return
         verdict = self.frames.check()
         if verdict is Verdict.ALLOW:
-            await self._on_frame(connection, message)
+            await self._on_frame(message)
         elif verdict is Verdict.REFUSE:
-            connection.send(error_frame(RateLimited(self.frames.describe())))
+            self.connection.send(error_frame(RateLimited(self.frames.describe())))
         else:
-            connection.close(CLOSE_RATE_LIMITED, "rate limited", drain=True)
-            self.node.hub.forget(connection)
+            self._close(CLOSE_RATE_LIMITED, "rate limited", drain=True)
 
-    async def _on_frame(self, connection: Connection, message: str | bytes) -> None:
+    async def _on_frame(self, message: str | bytes) -> None:
         ref = None
         try:
             command = parse_command(self.codec.loads(message), self.node.settings.max_topic_length)
             ref = command.ref
-            await self._run(connection, command, len(message))
+            await self._run(command, len(message))
         except FrameError as exc:
-            self._bad_frame(connection, exc, exc.ref)
+            self._bad_frame(exc, exc.ref)
         except SquallError as exc:
             if exc.code == "invalid_body":
-                self._bad_frame(connection, exc, ref)
+                self._bad_frame(exc, ref)
             else:
-                connection.send(error_frame(exc, ref))
+                self.connection.send(error_frame(exc, ref))
 
-    async def _run(self, connection: Connection, command: Any, size: int) -> None:
+    async def _run(self, command: Any, size: int) -> None:
+        connection = self.connection
         hub = self.node.hub
-        assert self.rights is not None
         if isinstance(command, Subscribe):
             if self.node.auth_hook is not None:
                 await self.node.auth_hook.subscribe(connection.info, self.rights, command.topic)
@@ -251,43 +318,71 @@ class SocketHandler(WebSocketHandler):
             await hub.unsubscribe(connection, command.topic, command.ref)
         elif isinstance(command, Publish):
             self.rights.check_publish(command.topic)
-            await self._publish(connection, command, size)
+            await self._publish(command, size)
         elif isinstance(command, Ping):
             connection.send(with_ref({"type": "pong"}, command.ref))
 
-    async def _publish(self, connection: Connection, command: Publish, size: int) -> None:
+    async def _publish(self, command: Publish, size: int) -> None:
         limit = self.node.settings.max_event_bytes
         if size > limit and len(self.codec.dumps(command.data)) > limit:
             raise SquallError("payload_too_large", f"data is larger than {limit} bytes")
         [published] = await self.node.hub.publish(
             [PublishRequest(command.topic, command.data, command.idempotency_key)])
-        connection.send(with_ref({"type": "published", "topic": published.topic,
-                                   "id": published.id, "ts": published.ts}, command.ref))
+        self.connection.send(with_ref({"type": "published", "topic": published.topic,
+                                       "id": published.id, "ts": published.ts}, command.ref))
 
-    def _bad_frame(self, connection: Connection, exc: SquallError, ref: Any) -> None:
+    def _bad_frame(self, exc: SquallError, ref: Any) -> None:
         self.bad_frames += 1
         if self.bad_frames > self.node.settings.max_bad_frames:
-            connection.close(CLOSE_PROTOCOL_ABUSE, "too many bad frames", drain=True)
-            self.node.hub.forget(connection)
+            self._close(CLOSE_PROTOCOL_ABUSE, "too many bad frames", drain=True)
             return
-        connection.send(error_frame(exc, ref))
+        self.connection.send(error_frame(exc, ref))
+
+    def on_ping(self, data: bytes) -> None:
+        """Tornado answers pings itself."""
+
+    def on_pong(self, data: bytes) -> None:
+        self.node.keepalive.answered(self)
+
+    # -- keepalive (Peer) ------------------------------------------------------------
+
+    def send_ping(self) -> None:
+        protocol = self.ws_connection
+        if protocol is None or protocol.is_closing():
+            return
+        try:
+            protocol.write_ping(b"")
+        except StreamClosedError:
+            return  # the frame loop sees it too, and closes
+
+    def ping_timed_out(self) -> None:
+        self._close(CLOSE_GOING_AWAY, "ping timed out")
 
     # -- closing -----------------------------------------------------------------
 
-    def on_close(self) -> None:
+    def on_ws_connection_close(self, close_code: int | None = None,
+                               close_reason: str | None = None) -> None:
+        if self.ws_connection is None:
+            return
+        self.ws_connection = None  # also breaks the cycle with the protocol
+        node = self.node
         if self._expiry is not None:
             IOLoop.current().remove_timeout(self._expiry)
             self._expiry = None
         if self._counted_ip is not None:
-            self.node.limits.connections.release(self._counted_ip)
+            node.limits.connections.release(self._counted_ip)
             self._counted_ip = None
+        node.keepalive.remove(self)
         connection = self.connection
-        if connection is None:
-            return
         connection.mark_closed()
-        signals.client_disconnected.send(self, client=connection.info, code=self.close_code,
-                                         reason=self.close_reason)
-        self.node.hub.forget(connection)
+        signals.client_disconnected.send(self, client=connection.info, code=close_code,
+                                         reason=close_reason)
+        node.hub.forget(connection)
+
+    def log_exception(self, typ: Any, value: Any, tb: Any) -> None:
+        info = self.connection.info
+        app_log.error("Uncaught exception in WebSocket of client %s (%s)", info.id, info.ip,
+                      exc_info=(typ, value, tb))
 
     # -- Transport, for the connection's writer --------------------------------------
 
@@ -298,14 +393,9 @@ class SocketHandler(WebSocketHandler):
         return protocol.stream
 
     def close_transport(self, code: int, reason: str) -> None:
-        self.close(code, reason)
-
-    def _request_summary(self) -> str:
-        return request_summary(self.request)
-
-    def log_exception(self, typ: Any, value: Any, tb: Any) -> None:
-        app_log.error("Uncaught exception in WebSocket %s", self._request_summary(),
-                      exc_info=(typ, value, tb))
+        protocol = self.ws_connection
+        if protocol is not None:
+            protocol.close(code, reason)
 
 
 def _is_utf8(arguments: dict[str, list[bytes]]) -> bool:

@@ -64,8 +64,6 @@ def make_app(node: Node, **tornado_settings: Any) -> Application:
         routes,
         default_handler_class=NotFoundHandler,
         default_handler_args=deps,
-        websocket_ping_interval=settings.ping_interval or None,
-        websocket_ping_timeout=settings.ping_timeout or None,
         websocket_max_message_size=settings.max_frame_bytes,
         log_function=access_logger(settings.access_log, node.metrics.http_requests),
         **tornado_settings,

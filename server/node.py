@@ -13,6 +13,7 @@ from server.broker.base import Broker, BrokerOptions, create_broker
 from server.connection import Flusher
 from server.history import Retention
 from server.hub import Hub
+from server.keepalive import Keepalive
 from server.metrics import Metrics, MetricSource
 from server.ratelimit import Limits
 from server.topics import is_pattern
@@ -43,6 +44,7 @@ class Node:
                        observe_publish=self.metrics.publish_seconds.observe,
                        observe_fanout=self.metrics.fanout_seconds.observe,
                        flusher=Flusher(WRITE_PACE, settings.write_delay))
+        self.keepalive = Keepalive(settings.ping_interval, settings.ping_timeout)
         self.metrics.watch(self)
         self.webhooks = extensions.webhook_dispatcher(settings, self.name)
         self.auth_hook = extensions.auth_hook(settings, self.name)
@@ -53,6 +55,7 @@ class Node:
 
     async def start(self) -> None:
         await self.broker.start(self.hub.deliver)
+        self.keepalive.start()
         if self.webhooks is not None:
             self.webhooks.start()
 
@@ -70,7 +73,8 @@ class Node:
             log.warning("publishes still under way after %.0fs", timeout)
 
     async def close(self) -> None:
-        """Release the broker, the webhooks and the signal queues."""
+        """Release the keepalive, the broker, the webhooks and the signal queues."""
+        await self.keepalive.stop()
         await self.broker.close()
         timeout = self.settings.shutdown_timeout / 2
         if self.webhooks is not None:
