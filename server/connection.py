@@ -31,6 +31,7 @@ from server.codec import Codec
 log = logging.getLogger("squall.connection")
 
 CLOSE_SLOW_CONSUMER = 4008
+CLOSE_INTERNAL_ERROR = 1011
 
 
 class Transport(Protocol):
@@ -86,14 +87,19 @@ class Flusher:
         loop = self._loop
         assert loop is not None
         started = loop.time()
-        try:
-            if self.before is not None:
+        if self.before is not None:
+            try:
                 self.before()
-        finally:
-            self._scheduled = False
-            dirty, self._dirty = self._dirty, []
+            except Exception:  # a bug there must not stop every connection's writes
+                log.exception("preparing a flush failed")
+        self._scheduled = False
+        dirty, self._dirty = self._dirty, []
         for connection in dirty:
-            connection.flush()
+            try:
+                connection.flush()
+            except Exception:
+                log.exception("writing to %s failed", connection.info)
+                connection.close(CLOSE_INTERNAL_ERROR, "internal error")
         ended = loop.time()
         self._not_before = ended + min(self.max_delay, (ended - started) * self.pace)
 
@@ -163,6 +169,10 @@ class Connection:
         self._queued = queued
         self._pending.append(frames)
         self._pending_frames += count
+        if queued > self.max_queue_bytes // 2 and not self._writing:
+            # a fast reader must not look slow because a flush is being paced: write now
+            self.flush()
+            return
         if not self._marked:
             self._marked = True
             self._flusher.mark(self)

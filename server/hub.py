@@ -67,8 +67,8 @@ class _Run:
         return b"".join([event.frame(codec) for event in self.events])
 
 
-# A run this long is fanned out at once rather than at the flush: bounds the backlog.
-MAX_RUN_EVENTS = 512
+# Events waiting for the flush at most: past this they are fanned out at once.
+MAX_PENDING_EVENTS = 512
 
 
 @dataclass
@@ -100,6 +100,7 @@ class Hub:
         self.flusher = flusher or Flusher()
         self.flusher.before = self.fan_out
         self._runs: list[_Run] = []
+        self._pending = 0  # events in self._runs
         self.connections: set[Connection] = set()
         self.delivered = 0
         self._edges: set[asyncio.Task[None]] = set()
@@ -173,43 +174,50 @@ class Hub:
     def deliver(self, event: Event) -> None:
         """Note ``event`` for every matching local connection. O(1) per event in a run."""
         runs = self._runs
-        if runs:
-            run = runs[-1]
-            if run.topic == event.topic and run.version == self.router.version:
-                run.events.append(event)
-                self.delivered += len(run.subscribers)
-                if len(run.events) >= MAX_RUN_EVENTS:
-                    self.fan_out()
+        run = runs[-1] if runs else None
+        if run is not None and run.topic == event.topic and run.version == self.router.version:
+            run.events.append(event)
+        else:
+            subscribers = self.router.match(event.topic)
+            if not subscribers:
                 return
-        subscribers = self.router.match(event.topic)
-        if not subscribers:
-            return
-        runs.append(_Run(event.topic, self.router.version, tuple(subscribers), event))
-        self.delivered += len(subscribers)
-        self.flusher.schedule()
+            run = _Run(event.topic, self.router.version, tuple(subscribers), event)
+            runs.append(run)
+            self.flusher.schedule()
+        self.delivered += len(run.subscribers)
+        self._pending += 1
+        if self._pending >= MAX_PENDING_EVENTS:
+            self.fan_out()
 
     def fan_out(self) -> None:
         """Queue the frames of every event delivered so far on its subscribers."""
         runs, self._runs = self._runs, []
+        self._pending = 0
         for run in runs:
             started = time.perf_counter()
-            json_chunk: bytes | None = None
-            chunks: dict[Codec, bytes] = {}
-            count = len(run.events)
-            for connection in run.subscribers:
-                if connection.hold is not None:
-                    for event in run.events:
-                        self._hold_back(connection, event)
-                elif connection.codec is JSON:  # the common case: no lookup
-                    if json_chunk is None:
-                        json_chunk = run.chunk(JSON)
-                    connection.enqueue(json_chunk, count)
-                else:
-                    chunk = chunks.get(connection.codec)
-                    if chunk is None:
-                        chunk = chunks[connection.codec] = run.chunk(connection.codec)
-                    connection.enqueue(chunk, count)
+            try:
+                self._fan_out_run(run)
+            except Exception:  # a bug here must not cost the other runs their events
+                log.exception("fan-out of %d events on %r failed", len(run.events), run.topic)
             self.observe_fanout(time.perf_counter() - started)
+
+    def _fan_out_run(self, run: _Run) -> None:
+        json_chunk: bytes | None = None
+        chunks: dict[Codec, bytes] = {}
+        count = len(run.events)
+        for connection in run.subscribers:
+            if connection.hold is not None:
+                for event in run.events:
+                    self._hold_back(connection, event)
+            elif connection.codec is JSON:  # the common case: no lookup
+                if json_chunk is None:
+                    json_chunk = run.chunk(JSON)
+                connection.enqueue(json_chunk, count)
+            else:
+                chunk = chunks.get(connection.codec)
+                if chunk is None:
+                    chunk = chunks[connection.codec] = run.chunk(connection.codec)
+                connection.enqueue(chunk, count)
 
     # -- subscriptions -------------------------------------------------------
 

@@ -17,7 +17,7 @@ import pytest
 
 from server.broker.base import PublishRequest
 from server.connection import Flusher
-from server.hub import MAX_RUN_EVENTS
+from server.hub import MAX_PENDING_EVENTS
 from tests.rawws import RawSocket
 
 pytestmark = pytest.mark.gen_test(timeout=30)
@@ -30,10 +30,10 @@ async def publish_batch(http_client, base_url, events):
 
 
 async def server_side(node, count):
-    """The hub's connections, once ``count`` of them are attached."""
+    """The hub's connections, in the order they were attached, once there are ``count``."""
     for _ in range(200):
         if len(node.hub.connections) >= count:
-            return sorted(node.hub.connections, key=lambda c: c.info.id)
+            return sorted(node.hub.connections, key=lambda c: int(c.info.id[8:], 16))
         await asyncio.sleep(0.01)
     raise AssertionError("connections never attached")
 
@@ -44,7 +44,7 @@ async def test_a_run_longer_than_the_cap_reaches_every_codec_whole_and_in_order(
     as_msgpack = await ws_connect(query="topic=burst", codec="msgpack")
     for client in (as_json, as_msgpack):
         await client.recv_type("subscribed")
-    count = 2 * MAX_RUN_EVENTS + 7  # one publish, so one pass: split into several runs
+    count = 2 * MAX_PENDING_EVENTS + 7  # one publish, so one pass: fanned out in parts
     await node.hub.publish([PublishRequest("burst", {"n": n}) for n in range(count)])
     for client in (as_json, as_msgpack):
         events = await client.events(count)
@@ -189,7 +189,7 @@ async def test_busy_flushes_are_paced_and_a_quiet_one_is_not():
         await asyncio.sleep(0.01)
     # it waited 2 x 20 ms after the first flush ended, not just the next loop pass
     assert costly.flushed[1] - (costly.flushed[0] + 0.02) >= 0.04 - 0.002
-    await asyncio.sleep(0.1)  # quiet: the next flush runs on the next loop pass
+    await asyncio.sleep(0.6)  # quiet for longer than max_delay: the next pass flushes
     flusher.mark(costly)  # type: ignore[arg-type]
     await asyncio.sleep(0)
     assert len(costly.flushed) == 3
