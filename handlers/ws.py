@@ -71,6 +71,7 @@ CLOSE_UNAUTHORIZED = 4001
 CLOSE_GOING_AWAY = 1001
 CLOSE_FORBIDDEN = 4003
 CLOSE_RATE_LIMITED = 4029
+CLOSE_INTERNAL_ERROR = 1011
 _client_ids = itertools.count(1)
 _id_prefix = os.urandom(3).hex()
 
@@ -171,7 +172,11 @@ class SocketHandler(WebSocketHandler):
         protocol.handler = session
         # Tornado breaks the handler's own cycles when it closes; it is done now
         super(WebSocketHandler, self)._break_cycles()
-        await session.start(topics)
+        try:
+            await session.start(topics)
+        except BaseException:  # Tornado aborts without a close callback: release it all
+            session.on_ws_connection_close(CLOSE_INTERNAL_ERROR, "internal error")
+            raise
 
     def _admit(self) -> Grant | None:
         """The client's grant, or None after closing it (4003, 4001 or 4029)."""
