@@ -505,15 +505,22 @@ async def max_rate(
 
 
 class LatencyRecorder:
-    """Collects receive time minus the ``sent_ns`` stamp carried in each event."""
+    """Collects receive time minus the ``sent_ns`` stamp carried in each event.
 
-    def __init__(self) -> None:
+    Events stamped before ``since_ns`` (the max-rate runs' events, stamped 0, that a
+    slow server may still be delivering) are left out.
+    """
+
+    def __init__(self, since_ns: int) -> None:
+        self.since_ns = since_ns
         self.samples: list[int] = []
 
     def on_message(self, payload: bytes, now: int) -> None:
         match = STAMP.search(payload)
         if match is not None:
-            self.samples.append(now - int(match.group(1)))
+            sent = int(match.group(1))
+            if sent >= self.since_ns:
+                self.samples.append(now - sent)
 
     def summary(self) -> dict[str, float | int | None]:
         ordered = sorted(self.samples)
@@ -537,7 +544,7 @@ async def latency(
 ) -> dict[str, Any]:
     """Publish at ``latency_rate / N`` events/s and record publish-to-receive latency."""
     await settle(bench.subscribers)
-    recorder = LatencyRecorder()
+    recorder = LatencyRecorder(time.monotonic_ns())
     for client in bench.subscribers:
         client.on_message = recorder.on_message
     publish_rate = args.latency_rate / args.n
@@ -669,7 +676,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         parser.add_argument(f"--{name}", help="template with {port} and {topic}")
     parser.add_argument("--subprotocol")
     parser.add_argument("--server-pid", type=int, action="append", default=[])
-    parser.add_argument("--publishers", type=int, default=16)
+    parser.add_argument("--publishers", type=int, default=64)
     parser.add_argument("--connect-batch", type=int, default=100)
     modes = parser.add_subparsers(dest="mode", required=True)
     fan = modes.add_parser("fanout", help="max deliveries/s, then latency at a fixed rate")

@@ -31,7 +31,9 @@ import report
 import servers
 
 LOADGEN = servers.BENCH_DIR / "loadgen.py"
-PUBLISHERS = 16
+# Keep-alive publisher connections, one request in flight on each. Enough that a
+# server always has publishes waiting while the load generator reads a burst.
+PUBLISHERS = 64
 Result = dict[str, Any]
 
 
