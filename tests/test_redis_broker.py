@@ -196,6 +196,25 @@ async def test_data_msgpack_cannot_carry_is_a_client_error(nodes):
     assert await broker.history("big", None) == ([], True)  # nothing of the batch went out
 
 
+async def test_concurrent_publishes_share_script_calls_and_keep_their_order(
+        nodes, redis_server):
+    broker, received, _ = await nodes(subscribe=["group.*"])
+    with redis_server.client() as admin:
+        admin.config_resetstat()
+    publishes = [broker.publish([PublishRequest(f"group.{n % 3}", n)]) for n in range(200)]
+    publishes.append(broker.publish([PublishRequest("group.0", "dup", "key")] * 2))
+    outcomes = await asyncio.gather(*publishes)
+    seqs = [int(outcome.id.rsplit("-", 1)[1]) for [outcome] in outcomes[:200]]
+    assert seqs == sorted(seqs) and len(set(seqs)) == 200  # in the order they came
+    first, again = outcomes[200]
+    assert (first.duplicate, again.duplicate, again.id) == (False, True, first.id)
+    events = await received.wait_for(201)
+    assert [event.data for event in events] == [*range(200), "dup"]
+    with redis_server.client() as admin:
+        calls = admin.info("commandstats")["cmdstat_evalsha"]["calls"]
+    assert calls < 50  # grouped: 201 publishes, far fewer script calls
+
+
 # -- faults -----------------------------------------------------------------------------
 
 async def test_events_published_while_the_listener_was_cut_off_arrive_in_order_once(
