@@ -189,8 +189,12 @@ class RedisBroker(Broker):
                     group.append(self._waiting.popleft())
                     count += len(group[-1][0])
                 await self._publish_group(group)
-        finally:
+        finally:  # stopped (closing) or a bug: nobody may wait for a call that never comes
             self._publisher = None
+            while self._waiting:
+                _, waiter = self._waiting.popleft()
+                if not waiter.done():
+                    waiter.set_exception(BrokerUnavailable())
 
     async def _publish_group(self, group: list[tuple[list[Any], asyncio.Future[list[Any]]]],
                              ) -> None:
