@@ -17,6 +17,7 @@ from tornado.ioloop import IOLoop
 from handlers.ws import SocketHandler
 from server.keepalive import Keepalive
 from tests.rawws import RawSocket, close_code
+from tests.waiting import eventually
 
 live = pytest.mark.gen_test(timeout=20)
 
@@ -178,13 +179,6 @@ async def test_without_interval_no_pings_come(raw_connect):
         await client.read_frame(timeout=0.5)
     client.send_json({"type": "ping"})
     assert await client.read_message() == {"type": "pong"}
-
-
-async def eventually(check: Callable[[], bool], timeout: float = 3.0) -> None:
-    deadline = time.monotonic() + timeout
-    while not check():
-        assert time.monotonic() < deadline, "condition not met in time"
-        await asyncio.sleep(0.02)
 
 
 @live

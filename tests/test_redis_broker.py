@@ -24,6 +24,7 @@ from server.errors import BrokerUnavailable, SquallError
 from server.history import Retention
 from server.topics import matches
 from tests.test_broker_contract import Received
+from tests.waiting import eventually
 
 pytest_plugins = ["tests.redis_server"]
 pytestmark = [pytest.mark.redis, pytest.mark.gen_test(timeout=60)]
@@ -73,14 +74,6 @@ def nodes(redis_url: str, io_loop: IOLoop) -> Iterator[Any]:
             await broker.close()
 
     io_loop.run_sync(close_all)
-
-
-async def wait_until(condition: Any, timeout: float = 10.0, what: str = "") -> None:
-    """Check ``condition()`` every 50 ms until it holds; fail after ``timeout``."""
-    deadline = time.monotonic() + timeout
-    while not condition():
-        assert time.monotonic() < deadline, f"timed out waiting for {what or condition}"
-        await asyncio.sleep(0.05)
 
 
 # -- globs ------------------------------------------------------------------------------
@@ -255,7 +248,7 @@ async def test_a_gap_the_history_cannot_fill_is_reported(nodes, redis_server):
 async def test_a_frozen_redis_makes_publishes_fail_in_time_then_recovers(nodes, redis_server):
     a, received, _ = await nodes(subscribe=["frozen"])
     b, _, _ = await nodes()
-    await wait_until(lambda: a.ready and b.ready, what="ready")
+    await eventually(lambda: a.ready and b.ready, what="ready")
     redis_server.freeze()
     try:
         started = time.monotonic()
@@ -265,10 +258,10 @@ async def test_a_frozen_redis_makes_publishes_fail_in_time_then_recovers(nodes, 
         assert not b.ready
         with pytest.raises(BrokerUnavailable):
             await a.history("frozen", None)
-        await wait_until(lambda: not a.ready, timeout=5 * TIMEOUT, what="a not ready")
+        await eventually(lambda: not a.ready, timeout=5 * TIMEOUT, what="a not ready")
     finally:
         redis_server.thaw()
-    await wait_until(lambda: a.ready and b.ready, timeout=10, what="ready again")
+    await eventually(lambda: a.ready and b.ready, timeout=10, what="ready again")
     [retry] = await b.publish([PublishRequest("frozen", "lost?", "key-1")])
     [after] = await b.publish([PublishRequest("frozen", "after")])
     events = await received.wait_for(2)
@@ -288,7 +281,7 @@ async def test_redis_losing_its_data_starts_a_new_epoch(nodes, redis_server):
     assert new.id.rpartition("-")[0] != old.id.rpartition("-")[0]
     assert await b.history("epoch.t", old.id) == ([], False)
     assert [event.data for event in (await b.history("epoch.t", None)).events] == ["new"]
-    await wait_until(lambda: a.ready, what="a ready")
+    await eventually(lambda: a.ready, what="a ready")
     [later] = await b.publish([PublishRequest("epoch.t", "later")])
     events = await received.wait_for(3)
     assert [event.id for event in events] == [old.id, new.id, later.id]
@@ -306,7 +299,7 @@ async def test_a_broker_that_cannot_reach_redis_starts_unready_and_recovers(
             await broker.publish([PublishRequest("down", 1)])
         await broker.subscribe("down")
         redis_server.start()
-        await wait_until(lambda: broker.ready, what="ready")
+        await eventually(lambda: broker.ready, what="ready")
         [outcome] = await broker.publish([PublishRequest("down", 2)])
         assert (await received.wait_for(1))[0].id == outcome.id
     finally:

@@ -22,6 +22,7 @@ from server.broker.redis_keys import NODES, node_key
 from server.events import EventId
 from tests.conftest import Client
 from tests.server_process import ServerProcess
+from tests.waiting import eventually
 
 if TYPE_CHECKING:
     from tests.redis_server import RedisServer
@@ -95,17 +96,6 @@ async def get(node: ServerProcess, path: str) -> tuple[int, Any]:
     response = await AsyncHTTPClient().fetch(node.url + path, raise_error=False,
                                              request_timeout=WAIT)
     return response.code, json.loads(response.body)
-
-
-async def eventually(check: Any, timeout: float = WAIT, what: str = "") -> Any:
-    """Await ``check()`` every 100 ms until it returns something true; fail at ``timeout``."""
-    deadline = time.monotonic() + timeout
-    while True:
-        found = await check()
-        if found:
-            return found
-        assert time.monotonic() < deadline, f"timed out waiting for {what}"
-        await asyncio.sleep(0.1)
 
 
 def seq(event_id: str) -> int:
