@@ -25,7 +25,7 @@ from typing import Any, NamedTuple
 
 from server import signals
 from server.broker.base import Broker, Published, PublishRequest
-from server.codec import JSON, Codec
+from server.codec import Codec
 from server.commands import with_ref
 from server.connection import CLOSE_SLOW_CONSUMER, Connection, Flusher
 from server.errors import SquallError
@@ -202,22 +202,22 @@ class Hub:
             self.observe_fanout(time.perf_counter() - started)
 
     def _fan_out_run(self, run: _Run) -> None:
-        json_chunk: bytes | None = None
         chunks: dict[Codec, bytes] = {}
         count = len(run.events)
         for connection in run.subscribers:
             if connection.hold is not None:
                 for event in run.events:
                     self._hold_back(connection, event)
-            elif connection.codec is JSON:  # the common case: no lookup
-                if json_chunk is None:
-                    json_chunk = run.chunk(JSON)
-                connection.enqueue(json_chunk, count)
-            else:
-                chunk = chunks.get(connection.codec)
-                if chunk is None:
-                    chunk = chunks[connection.codec] = run.chunk(connection.codec)
+                continue
+            codec = connection.codec
+            chunk = chunks.get(codec)
+            if chunk is None:
+                chunk = chunks[codec] = run.chunk(codec)
+            if len(chunk) <= connection.max_queue_bytes // 2:
                 connection.enqueue(chunk, count)
+            else:  # a burst past half the queue: frame by frame, written as it goes
+                for event in run.events:
+                    connection.enqueue(event.frame(codec))
 
     # -- subscriptions -------------------------------------------------------
 

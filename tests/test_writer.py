@@ -19,6 +19,7 @@ from server.broker.base import PublishRequest
 from server.connection import Flusher
 from server.hub import MAX_PENDING_EVENTS
 from tests.rawws import RawSocket
+from tests.waiting import eventually
 
 pytestmark = pytest.mark.gen_test(timeout=30)
 
@@ -31,11 +32,8 @@ async def publish_batch(http_client, base_url, events):
 
 async def server_side(node, count):
     """The hub's connections, in the order they were attached, once there are ``count``."""
-    for _ in range(200):
-        if len(node.hub.connections) >= count:
-            return sorted(node.hub.connections, key=lambda c: int(c.info.id[8:], 16))
-        await asyncio.sleep(0.01)
-    raise AssertionError("connections never attached")
+    await eventually(lambda: len(node.hub.connections) >= count, what="connections attached")
+    return sorted(node.hub.connections, key=lambda c: int(c.info.id[8:], 16))
 
 
 async def test_a_run_longer_than_the_cap_reaches_every_codec_whole_and_in_order(
@@ -49,6 +47,17 @@ async def test_a_run_longer_than_the_cap_reaches_every_codec_whole_and_in_order(
     for client in (as_json, as_msgpack):
         events = await client.events(count)
         assert [event["data"]["n"] for event in events] == list(range(count))
+
+
+@pytest.mark.settings(send_queue_bytes=64 * 1024)
+async def test_a_burst_larger_than_the_queue_reaches_a_reader_that_keeps_up(node, ws_connect):
+    client = await ws_connect(query="topic=flood", max_queue=None)
+    await client.recv_type("subscribed")
+    count = 200  # 200 KB in one loop pass: three times the queue limit
+    await node.hub.publish([PublishRequest("flood", {"n": n, "pad": "f" * 1000})
+                            for n in range(count)])
+    assert [event["data"]["n"] for event in await client.events(count)] == list(range(count))
+    assert node.hub.slow_closes == 0
 
 
 async def test_interleaved_topics_keep_publish_order_for_a_pattern(
@@ -156,11 +165,7 @@ async def test_a_socket_closing_mid_write_costs_the_others_nothing(
     await fill(http_client, base_url, "gone", range(2000, 2100))
     await asyncio.wait_for(consumer, 20)
     assert received == list(range(2100))
-    for _ in range(100):
-        if len(node.hub.connections) == 1:
-            break
-        await asyncio.sleep(0.02)
-    assert len(node.hub.connections) == 1
+    await eventually(lambda: len(node.hub.connections) == 1, what="the reset one forgotten")
     assert node.hub.router.subscribers("gone") == 1
 
 
@@ -183,10 +188,7 @@ async def test_busy_flushes_are_paced_and_a_quiet_one_is_not():
     await asyncio.sleep(0.03)
     assert len(costly.flushed) == 1
     flusher.mark(costly)  # type: ignore[arg-type]  # 10 ms after a 20 ms flush
-    for _ in range(50):
-        if len(costly.flushed) == 2:
-            break
-        await asyncio.sleep(0.01)
+    await eventually(lambda: len(costly.flushed) == 2, every=0.005)
     # it waited 2 x 20 ms after the first flush ended, not just the next loop pass
     assert costly.flushed[1] - (costly.flushed[0] + 0.02) >= 0.04 - 0.002
     await asyncio.sleep(0.6)  # quiet for longer than max_delay: the next pass flushes
