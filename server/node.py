@@ -21,10 +21,10 @@ from server.topics import is_pattern
 log = logging.getLogger("squall.node")
 
 CLOSE_GOING_AWAY = 1001
+CLOSE_EVENTS_LOST = 4009
 # After a flush that took T, a busy node waits WRITE_PACE * T (at most write_delay)
 # before the next: writing then takes at most about a third of its time.
 WRITE_PACE = 2.0
-CLOSE_EVENTS_LOST = 4009
 
 
 class Node:
