@@ -244,7 +244,7 @@ class Hub:
         reply = with_ref({"type": "subscribed", "topic": name}, ref)
         if since is None:
             # read first: whatever comes later is delivered live, so nothing after it is lost
-            reply["last_id"] = str(await self.broker.position())
+            reply["last_id"] = str(await self.broker.position(name))
             await self._add(connection, name)
             connection.send(reply)
         else:

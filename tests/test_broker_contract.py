@@ -1,7 +1,8 @@
 """The Broker contract (server/broker/base.py), one suite run on every broker.
 
-Each test gets brokers from ``make_broker``, parametrized over the memory broker and
-the Redis broker on a real redis-server. Events are waited for with timeouts; the
+Each test gets brokers from ``make_broker``, parametrized over the memory broker, the
+Redis broker on a real redis-server and the cluster broker on a real Redis Cluster
+(tests/redis_cluster.py). Events are waited for with timeouts; the
 only sleeps are the few that let a ttl or a dedupe window pass.
 """
 
@@ -19,7 +20,7 @@ from server.errors import BrokerUnavailable
 from server.events import Event, EventId
 from server.history import Replay, Retention
 
-pytest_plugins = ["tests.redis_server"]
+pytest_plugins = ["tests.redis_server", "tests.redis_cluster"]
 pytestmark = pytest.mark.gen_test(timeout=30)
 
 WAIT = 5.0
@@ -51,11 +52,16 @@ class Received:
 MakeBroker = Callable[..., Awaitable[tuple[Broker, Received]]]
 
 
-@pytest.fixture(params=["memory", pytest.param("redis", marks=pytest.mark.redis)])
+URLS = {"memory": None, "redis": "redis_url", "cluster": "cluster_url"}
+
+
+@pytest.fixture(params=["memory", pytest.param("redis", marks=pytest.mark.redis),
+                        pytest.param("cluster", marks=[pytest.mark.redis, pytest.mark.cluster])])
 def make_broker(request: pytest.FixtureRequest, io_loop: IOLoop) -> Iterator[MakeBroker]:
     """``await make_broker(subscribe=[names], size=.., ttl=.., ...)``: a started broker."""
     made: list[Broker] = []
-    url = request.getfixturevalue("redis_url") if request.param == "redis" else "memory://"
+    fixture = URLS[request.param]
+    url = request.getfixturevalue(fixture) if fixture else "memory://"
 
     async def make(subscribe: Sequence[str] = (), size: int = 100, ttl: float = 300.0,
                    max_topics: int = 10_000, dedupe_window: float = 300.0,
@@ -222,11 +228,11 @@ async def test_an_id_of_a_forgotten_epoch_gets_everything_retained_now(make_brok
 
 async def test_position_is_where_the_next_event_starts(make_broker):
     broker, _ = await make_broker()
-    start = await broker.position()
+    start = await broker.position("pos.t")
     assert found(await broker.history("pos.t", str(start))) == ([], True)
     [first] = await publish_each(broker, "pos.t", ["a"])
     assert seq(first.id) > start.seq and first.id.rpartition("-")[0] == start.epoch
-    assert str(await broker.position()) == first.id
+    assert str(await broker.position("pos.t")) == first.id
     replay = await broker.history("pos.t", str(start))
     assert [event.id for event in replay.events] == [first.id]
     assert replay.last_id == first.id
@@ -235,7 +241,7 @@ async def test_position_is_where_the_next_event_starts(make_broker):
 
 async def test_a_resume_longer_than_the_replay_cap_is_not_recovered(make_broker):
     broker, _ = await make_broker(max_replay=5)
-    start = await broker.position()
+    start = await broker.position("cap.*")
     for n in range(4):
         await publish_each(broker, f"cap.{n}", [n, n + 10])
     assert found(await broker.history("cap.*", str(start))) == ([], False)

@@ -2,7 +2,8 @@
 
 A node publishes through its broker and receives every event (its own and other
 nodes') through the ``on_event`` callback the broker was started with. Brokers are
-chosen by URL (``memory://``, ``redis://host:6379/0``) with ``create_broker``.
+chosen by URL (``memory://``, ``redis://host:6379/0``,
+``redis+cluster://host:7000[,host:7001...]``) with ``create_broker``.
 """
 
 from __future__ import annotations
@@ -45,6 +46,7 @@ class BrokerOptions:
     timeout: float = 3.0
     dedupe_window: float = 300.0
     dedupe_max_keys: int = 100_000
+    wait_replicas: int = 0  # replicas that must acknowledge a publish (Redis brokers)
 
 
 class Broker(abc.ABC):
@@ -52,8 +54,11 @@ class Broker(abc.ABC):
 
     Guarantees every implementation keeps:
 
-    - Ids are unique, and increase in publish order within a topic and across the
-      whole broker, so one id also says where a pattern subscription stood.
+    - Ids are unique, and increase in publish order within a topic and across its id
+      space, so one id also says where a pattern subscription of that space stood.
+      The memory and Redis brokers are one id space; the cluster broker has one per
+      hash tag (a topic's first segment), and a pattern whose topics lie in several
+      (``*.created``) is never resumed (``recovered: false``).
     - Events of one topic reach ``on_event`` in publish order, each once.
     - ``publish`` returns only after the event is durable in the broker's history
       and on its way to every node; it raises ``BrokerUnavailable`` when that cannot
@@ -64,9 +69,10 @@ class Broker(abc.ABC):
       the broker lost (a restart without persistence): then every retained event of
       the current epoch, with ``recovered=False``, since each was accepted after the
       loss. ``Replay.last_id`` is the broker's position when it read.
-    - ``position`` is the newest id the broker has given out (its epoch made first if
-      there is none yet): every event published after the call returns has a larger
-      id, so a subscription made afterwards can always resume from it.
+    - ``position(name)`` is the newest id given out in ``name``'s id space (its epoch
+      made first if there is none yet): every event of the space published after the
+      call returns has a larger id, so a subscription made afterwards can always
+      resume from it.
     - When events of a subscribed name were lost to this node and cannot be replayed
       (a broker outage longer than the history), ``on_gap(name)`` is called; the node
       closes that name's subscribers so they resume with ``since``.
@@ -98,8 +104,9 @@ class Broker(abc.ABC):
         """Retained events of a topic or pattern after ``since``, oldest first."""
 
     @abc.abstractmethod
-    async def position(self) -> EventId:
-        """The newest id given out; raises ``BrokerUnavailable`` (see the class)."""
+    async def position(self, name: str) -> EventId:
+        """The newest id given out in the id space of the topic or pattern ``name``;
+        raises ``BrokerUnavailable`` (see the class)."""
 
     @abc.abstractmethod
     async def last_ids(self, topics: Sequence[str]) -> dict[str, str]:
@@ -158,5 +165,9 @@ def create_broker(url: str, options: BrokerOptions) -> Broker:
         from server.broker.redis import RedisBroker
 
         return RedisBroker(url, options)
-    raise ValueError(f"unsupported broker URL scheme {scheme!r}; use memory:// or "
-                     "redis://HOST:6379/0")
+    if scheme in ("redis+cluster", "rediss+cluster"):
+        from server.broker.redis_cluster import RedisClusterBroker
+
+        return RedisClusterBroker(url, options)
+    raise ValueError(f"unsupported broker URL scheme {scheme!r}; use memory://, "
+                     "redis://HOST:6379/0 or redis+cluster://HOST:7000,HOST:7001")

@@ -62,7 +62,7 @@ class MemoryBroker(Broker):
     async def history(self, name: str, since: str | None, limit: int | None = None) -> Replay:
         return self._history.since(name, since, limit)
 
-    async def position(self) -> EventId:
+    async def position(self, name: str) -> EventId:
         if self._closed:
             raise BrokerUnavailable("the broker is closed")
         return EventId(self.epoch, self._seq)

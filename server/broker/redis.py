@@ -2,17 +2,19 @@
 
 - Ids: ``<epoch>-<seq>``. ``seq`` is one counter in Redis, taken inside the publish
   script, so ids increase in publish order within a topic and across all topics and
-  nodes. The epoch is a random word kept in Redis and made anew when Redis has none
-  (first use, or Redis lost its data): a resume from an id of a lost epoch is
-  answered ``recovered: false`` with every event retained in the new one, never
-  misread.
+  nodes (the whole Redis is one id space, redis_keys.Space). The epoch is a random
+  word kept in Redis and made anew when Redis has none (first use, or Redis lost its
+  data): a resume from an id of a lost epoch is answered ``recovered: false`` with
+  every event retained in the new one, never misread.
 - Publishing: one Lua script per batch checks each idempotency key, appends the
   event to its topic's stream and PUBLISHes it; Redis runs the script as one step
-  that no other command interleaves with.
-  ``publish`` returns when Redis ran it, and raises ``BrokerUnavailable`` once
-  ``options.timeout`` has passed without an answer: the batch may or may not have
-  run, and a retry with the same idempotency key is answered with the first id,
-  because the key is checked in the same script.
+  that no other command interleaves with. Concurrent publishes share script calls
+  (redis_publish.Batches). ``publish`` returns when Redis ran it, and raises
+  ``BrokerUnavailable`` once ``options.timeout`` has passed without an answer: the
+  batch may or may not have run, and a retry with the same idempotency key is
+  answered with the first id, because the key is checked in the same script. With
+  ``options.wait_replicas`` N above 0, a publish also waits for N replicas to
+  acknowledge it (``WAIT``) and is unavailable when fewer did in time.
 - History: a stream per topic, trimmed to ``retention.size`` events and expiring
   ``retention.ttl`` after the topic's last publish (older entries are skipped on
   read). At most ``retention.max_topics`` topics are tracked; the least recently
@@ -40,12 +42,14 @@
 - Subscriber counts: every node writes its local counts to Redis every few seconds
   (a hash per node, expiring when the node stops writing); ``subscriber_counts``
   adds them up.
+
+The cluster broker (redis_cluster.py) is this broker with one id space per hash tag:
+it overrides the hooks in the "id spaces" section and the client it talks through.
 """
 
 from __future__ import annotations
 
 import asyncio
-import collections
 import contextlib
 import logging
 import os
@@ -58,28 +62,33 @@ import msgpack
 from redis.asyncio import BlockingConnectionPool, ConnectionPool, Redis
 from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
-from redis.exceptions import RedisError, ResponseError
+from redis.exceptions import NoScriptError, RedisError, ResponseError
 
 from server.broker.base import Broker, BrokerOptions, EventHandler, Published, PublishRequest
 from server.broker.memory import new_epoch
 from server.broker.redis_keys import (
-    CHANNEL,
-    IDEMPOTENCY,
-    META,
-    NODES,
-    STREAM,
-    TOPICS_BY_SEQ,
-    TOPICS_BY_TS,
-    TOPICS_GONE,
+    PREFIX,
+    SINGLE_SPACE,
+    Space,
     StreamEntry,
+    channel,
     decode_entry,
     encode_data,
     encode_head,
+    glob,
     node_key,
-    stream_key,
 )
-from server.broker.redis_listener import Listener
-from server.broker.redis_lua import POSITION, PUBLISH
+from server.broker.redis_listener import Listener, Shards, Target
+from server.broker.redis_lua import (
+    FORGET,
+    POSITION,
+    PUBLISH,
+    READ_LAST,
+    READ_TOPIC,
+    READ_TOPICS,
+    RETAINED,
+)
+from server.broker.redis_publish import Batches
 from server.errors import BrokerUnavailable, SquallError
 from server.events import Event, EventId
 from server.history import Replay, merge_replay, oldest
@@ -95,41 +104,140 @@ _FAILURES = (RedisError, OSError, TimeoutError)
 # Events in one call of the publish script at most, when publishes are grouped.
 MAX_SCRIPT_EVENTS = 1000
 READ_CHUNK = 100  # streams read per round trip by a pattern's history
-_SCRIPT_KEYS = [META, TOPICS_BY_SEQ, TOPICS_BY_TS, TOPICS_GONE]
+LAST_CHUNK = 500  # topics per script call of last_ids
+# Where a name whose events span id spaces stands: ``since`` it is never recovered.
+SPANNING = EventId("spanning", 0)
 
 
 class _Meta(NamedTuple):
-    epoch: str  # "" while Redis has none
+    epoch: str  # "" while the space has none
     seq: int
     forgotten: int
     now_ms: int
 
 
+class SingleShards:
+    """The listener's view of a single Redis: one shard, one id space, channels for
+    topics and globs for patterns."""
+
+    fixed_spaces: tuple[str, ...] = ("",)
+    refresh_every: float = 3600.0
+    masters: tuple[str, ...] = ("",)
+    covered = True
+
+    def __init__(self, pool: ConnectionPool) -> None:
+        self._pool = pool
+
+    def targets(self, name: str) -> list[Target]:
+        return [(glob(name), "pattern")] if is_pattern(name) else [(channel(name), "channel")]
+
+    def space(self, name: str) -> str | None:
+        return ""
+
+    def space_of(self, topic: str) -> str:
+        return ""
+
+    def shard(self, target: bytes) -> str | None:
+        return ""
+
+    def shard_of_space(self, space: str) -> str | None:
+        return ""
+
+    def pool(self, shard: str) -> ConnectionPool:
+        return self._pool
+
+    async def refresh(self) -> None:
+        pass
+
+
 class RedisBroker(Broker):
     """A broker shared by every node that points at the same Redis (see the module)."""
+
+    clocked = False  # seqs from a counter (see redis_lua.py)
+    sharded = False  # channels published with PUBLISH, subscribed with (P)SUBSCRIBE
+    idle_ms = 0  # topics are forgotten past max_topics only, never for being idle
+    nodes_prefix = PREFIX  # where nodes write their subscriber counts
 
     def __init__(self, url: str, options: BrokerOptions) -> None:
         super().__init__(options)
         self.node_id = f"{socket.gethostname()}:{os.getpid()}:{secrets.token_hex(3)}"
-        connection = {"socket_connect_timeout": options.timeout,
-                      "socket_timeout": options.timeout, "retry": Retry(NoBackoff(), 0)}
-        self._pool = BlockingConnectionPool.from_url(
-            url, max_connections=MAX_CONNECTIONS, timeout=None, **connection)
-        self._listen_pool = ConnectionPool.from_url(url, max_connections=4, **connection)
-        self._client = Redis(connection_pool=self._pool)
+        self._client, shards = self._connect(url)
+        self._where = url.rsplit("@", maxsplit=1)[-1]
         self._publish_script = self._client.register_script(PUBLISH)
-        self._position_script = self._client.register_script(POSITION)
-        self._position_waiters: list[asyncio.Future[EventId]] = []
-        self._position_reader: asyncio.Task[None] | None = None
-        self._listener = Listener(self._listen_pool, self, self._deliver, self._gap,
-                                  options.timeout)
+        self._listener = Listener(shards, self, self._deliver, self._gap, self.options.timeout)
+        self._batches = Batches(self._send, self.options.timeout, MAX_SCRIPT_EVENTS)
+        self._position_waiters: dict[str, list[asyncio.Future[EventId]]] = {}
+        self._position_readers: dict[str, asyncio.Task[None]] = {}
         self._tasks: list[asyncio.Task[None]] = []
         self._failed_at: float | None = None  # a publish failed: not ready until Redis answers
         self._closed = False
-        self._waiting: collections.deque[tuple[list[Any], asyncio.Future[list[Any]]]] = (
-            collections.deque())
-        self._publisher: asyncio.Task[None] | None = None
-        self._where = url.rsplit("@", maxsplit=1)[-1]
+        self._nodes = self.nodes_prefix + "nodes"
+
+    def _connect(self, url: str) -> tuple[Any, Shards]:
+        """The command client, and the shards the listener reads from."""
+        connection = {"socket_connect_timeout": self.options.timeout,
+                      "socket_timeout": self.options.timeout, "retry": Retry(NoBackoff(), 0)}
+        self._pool = BlockingConnectionPool.from_url(
+            url, max_connections=MAX_CONNECTIONS, timeout=None, **connection)
+        # pub/sub reads wait as long as the listener says, not the socket's timeout
+        self._listen_pool = ConnectionPool.from_url(url, max_connections=4,
+                                                    **{**connection, "socket_timeout": None})
+        return Redis(connection_pool=self._pool), SingleShards(self._listen_pool)
+
+    # -- id spaces: what the cluster broker overrides ---------------------------------
+
+    def _space(self, name: str) -> Space | None:
+        """The id space of a topic or pattern; None when its events span several."""
+        return SINGLE_SPACE
+
+    def _space_of(self, topic: str) -> Space:
+        return SINGLE_SPACE
+
+    def _space_named(self, name: str) -> Space:
+        return SINGLE_SPACE
+
+    def _channels(self, space: Space, topic: str) -> list[bytes]:
+        """The channels a topic's events go out on."""
+        return [space.channel(topic)]
+
+    async def _listed_spaces(self) -> list[Space]:
+        """Every space that may hold retained history."""
+        return [SINGLE_SPACE]
+
+    def _new_epoch(self, space: Space) -> str:
+        """The epoch a space starts when it has none (it lost its data, or is new)."""
+        return new_epoch()
+
+    def _sibling(self, epoch: str, space: Space, current: str) -> bool:
+        """Whether ``epoch`` is that of another space that shares ``space``'s clock, so
+        that its seqs may be compared with the space's own (see redis_cluster.py)."""
+        return False
+
+    async def _run_publish(self, space: Space, keys: list[Any], args: list[Any]) -> Any:
+        """One call of the publish script; with ``wait_replicas``, and its WAIT on the
+        same connection."""
+        if not self.options.wait_replicas:
+            return await self._publish_script(keys=keys, args=args)
+        for _ in range(2):
+            pipe = self._client.pipeline(transaction=False)
+            pipe.evalsha(self._publish_script.sha, len(keys), *keys, *args)
+            pipe.execute_command("WAIT", self.options.wait_replicas,
+                                 milliseconds(self.options.timeout))
+            outcome, acked = await pipe.execute(raise_on_error=False)
+            if not isinstance(outcome, NoScriptError):
+                return self._confirmed(outcome, acked)
+            await self._client.script_load(PUBLISH)
+        raise NoScriptError("the publish script could not be loaded")
+
+    def _confirmed(self, outcome: Any, acked: Any) -> Any:
+        """The script's outcome, once enough replicas acknowledged it."""
+        for answer in (outcome, acked):
+            if isinstance(answer, BaseException):
+                raise answer
+        if int(acked) < self.options.wait_replicas:
+            raise TimeoutError(f"{acked} of {self.options.wait_replicas} replicas "
+                               "acknowledged the publish in time")
+        return outcome
 
     # -- lifecycle ---------------------------------------------------------------------
 
@@ -147,13 +255,17 @@ class RedisBroker(Broker):
 
     async def close(self) -> None:
         self._closed = True
-        for task in [*self._tasks, self._publisher]:
+        for task in self._tasks:
             await stop(task)
+        await self._batches.close()
         with contextlib.suppress(*_FAILURES):
             async with asyncio.timeout(min(self.options.timeout, 1.0)):
-                await self._client.delete(node_key(self.node_id))
-                await self._client.srem(NODES, self.node_id)
+                await self._client.delete(node_key(self.node_id, self.nodes_prefix))
+                await self._client.srem(self._nodes, self.node_id)
         await self._client.aclose()
+        await self._disconnect()
+
+    async def _disconnect(self) -> None:
         await self._pool.disconnect()
         await self._listen_pool.disconnect()
 
@@ -176,87 +288,80 @@ class RedisBroker(Broker):
     # -- publishing ----------------------------------------------------------------------
 
     async def publish(self, requests: Sequence[PublishRequest]) -> list[Published]:
-        """Publish through the script; concurrent publishes share one script call.
-
-        While a call is under way, later publishes wait and then go together in the
-        next one (in arrival order, at most ``MAX_SCRIPT_EVENTS`` events a call), so a
-        busy node pays the client's round trip per group, not per request. A publish
-        that comes when nothing is under way goes at once. Each publish waits at most
-        ``options.timeout`` from its call, queued or not; one that gave up before its
-        group was sent is never sent.
-        """
+        """Publish through the script; concurrent publishes share script calls, one
+        call at a time per id space (redis_publish.Batches)."""
         if self._closed:
             raise BrokerUnavailable("the broker is closed")
         if not requests:
             return []
-        events = [[request.topic, encode_head(request.topic), _data(index, request.data),
-                   request.idempotency_key or ""]
-                  for index, request in enumerate(requests)]
-        loop = asyncio.get_running_loop()
-        waiter: asyncio.Future[list[Any]] = loop.create_future()
-        entry = (events, waiter)
-        self._waiting.append(entry)
-        if self._publisher is None:
-            self._publisher = loop.create_task(self._publish_waiting())
-        try:
-            outcomes = await asyncio.wait_for(asyncio.shield(waiter), self.options.timeout)
-        except (TimeoutError, asyncio.CancelledError) as exc:
-            if entry in self._waiting:  # never sent: it is not published, now or later
-                self._waiting.remove(entry)
-            if isinstance(exc, TimeoutError):
-                raise BrokerUnavailable() from None
-            raise
+        parts: dict[str, tuple[Space, list[int], list[Any]]] = {}
+        for index, request in enumerate(requests):
+            space = self._space_of(request.topic)
+            part = parts.setdefault(space.name, (space, [], []))
+            part[1].append(index)
+            part[2].append((request.topic, encode_head(request.topic),
+                            _data(index, request.data), request.idempotency_key or ""))
+        answers = await self._batches.publish([(space, events)
+                                               for space, _, events in parts.values()])
+        outcomes: list[Any] = [None] * len(requests)
+        for (_, indexes, _), answer in zip(parts.values(), answers, strict=True):
+            for index, outcome in zip(indexes, answer, strict=True):
+                outcomes[index] = outcome
         return [_published(request.topic, outcome)
                 for request, outcome in zip(requests, outcomes, strict=True)]
 
-    async def _publish_waiting(self) -> None:
-        try:
-            while self._waiting:
-                group = [self._waiting.popleft()]
-                count = len(group[0][0])
-                while self._waiting and count + len(self._waiting[0][0]) <= MAX_SCRIPT_EVENTS:
-                    group.append(self._waiting.popleft())
-                    count += len(group[-1][0])
-                await self._publish_group(group)
-        finally:  # stopped (closing) or a bug: nobody may wait for a call that never comes
-            self._publisher = None
-            while self._waiting:
-                _, waiter = self._waiting.popleft()
-                if not waiter.done():
-                    waiter.set_exception(BrokerUnavailable())
-
-    async def _publish_group(self, group: list[tuple[list[Any], asyncio.Future[list[Any]]]],
-                             ) -> None:
-        events = [event for part, _ in group for event in part]
+    async def _send(self, space: Space, events: list[Any]) -> list[Any]:
+        """One script call for a group of events of one space; ``BrokerUnavailable``
+        when it failed or took longer than the timeout."""
+        keys, args = self._script_input(space, events)
         try:
             async with asyncio.timeout(self.options.timeout):
-                outcomes = await self._publish_script(keys=_SCRIPT_KEYS,
-                                                      args=self._script_args(events))
-        except BaseException as exc:
-            if isinstance(exc, _FAILURES):
-                self._failed_at = asyncio.get_running_loop().time()
-                level = logging.ERROR if isinstance(exc, ResponseError) else logging.WARNING
-                log.log(level, "publish to redis at %s failed: %s", self._where, _describe(exc))
-            for _, waiter in group:
-                if not waiter.done():
-                    waiter.set_exception(BrokerUnavailable())
-            if not isinstance(exc, _FAILURES):
-                raise
-            return
+                outcomes, forgotten = await self._run_publish(space, keys, args)
+        except _FAILURES as exc:
+            self._failed_at = asyncio.get_running_loop().time()
+            level = logging.ERROR if isinstance(exc, ResponseError) else logging.WARNING
+            log.log(level, "publish to redis at %s failed: %s", self._where, _describe(exc))
+            raise BrokerUnavailable() from None
         self._failed_at = None
-        at = 0
-        for part, waiter in group:
-            if not waiter.done():  # its publisher may have gone (cancelled)
-                waiter.set_result(outcomes[at:at + len(part)])
-            at += len(part)
+        if forgotten:
+            await self._forget(space, [as_text(topic) for topic in forgotten])
+        return list(outcomes)
 
-    def _script_args(self, events: list[Any]) -> list[Any]:
+    def _script_input(self, space: Space, events: list[Any]) -> tuple[list[Any], list[Any]]:
+        """KEYS (every key the call touches) and ARGV of the publish script."""
+        keys: list[Any] = space.indexes
+        at: dict[Any, int] = {}
+
+        def index(key: Any) -> int:
+            found = at.get(key)
+            if found is None:
+                keys.append(key)
+                found = at[key] = len(keys)
+            return found
+
+        keyed = self.options.dedupe_max_keys > 0 and self.options.dedupe_window > 0
+        rows = [[topic, head, data, index(space.stream(topic)),
+                 index(space.idempotency(topic, key)) if key and keyed else 0,
+                 [index(channel) for channel in self._channels(space, topic)]]
+                for topic, head, data, key in events]
         retention, options = self.options.retention, self.options
-        dedupe_ms = _ms(options.dedupe_window) if options.dedupe_max_keys > 0 else 0
-        return [new_epoch(), retention.size, _ms(retention.ttl), retention.max_topics,
-                dedupe_ms, CHANNEL, STREAM, IDEMPOTENCY,
+        args = [self._new_epoch(space), retention.size, milliseconds(retention.ttl),
+                retention.max_topics,
+                milliseconds(options.dedupe_window) if keyed else 0, int(self.clocked),
+                int(self.sharded), self.idle_ms, int(options.wait_replicas > 0),
                 # Redis's Lua msgpack reads strings, not the bin type: bytes go as strings
-                msgpack.packb(events, use_bin_type=False)]
+                msgpack.packb(rows, use_bin_type=False)]
+        return keys, args
+
+    async def _forget(self, space: Space, topics: list[str]) -> None:
+        """Delete the streams of topics the publish script forgot (past max topics)."""
+        try:
+            async with asyncio.timeout(self.options.timeout):
+                await self._client.eval(FORGET, len(topics) + 1, space.gone,
+                                        *map(space.stream, topics), *topics)
+        except _FAILURES as exc:  # they expire with the history ttl
+            log.warning("deleting the history of forgotten topics failed: %s",
+                        _describe(exc))
 
     # -- history ---------------------------------------------------------------------------
 
@@ -264,58 +369,86 @@ class RedisBroker(Broker):
         """See ``Broker.history``. Reads are bounded: each stream by the replay cap, a
         pattern's streams in chunks, and the events kept by ``limit`` or the cap."""
         parsed = EventId.parse(since) if since is not None else None
+        space = self._space(name)
         async with self._answer("history"):
+            if space is None:
+                return await self._history_across(name, since, limit)
             if since is not None and parsed is None:
-                return Replay([], False, str(await self.position()))
+                return Replay([], False, str(await self._position_of(space)))
             after = parsed.seq if parsed is not None else 0
-            meta, streams = await self._read(name, after, parsed is not None, limit)
-            if meta.epoch == "":  # nothing published since Redis lost its data
-                meta = meta._replace(epoch=(await self.position()).epoch)
+            meta, streams = await self._read(space, name, after, parsed is not None, limit)
+            if meta.epoch == "":  # nothing published since the space lost its data
+                meta = meta._replace(epoch=(await self._position_of(space)).epoch)
             position = str(EventId(meta.epoch, meta.seq))
-            if parsed is not None and parsed.epoch != meta.epoch:
+            sibling = parsed is not None and self._sibling(parsed.epoch, space, meta.epoch)
+            if parsed is not None and parsed.epoch != meta.epoch and not sibling:
                 # that epoch's history is gone: every event retained now came after
-                meta, streams = await self._read(name, 0, False, limit)
+                meta, streams = await self._read(space, name, 0, False, limit)
                 return merge_replay(streams, False, position, limit, self._cap, resuming=True)
-            if parsed is not None and parsed.seq > meta.seq:
-                return Replay([], False, position)  # an id Redis never gave out
+            # an id Redis never gave out (or lost with a failover), in this space's terms
+            newest = 1000 * meta.now_ms + 999 if sibling else meta.seq
+            if parsed is not None and parsed.seq > newest:
+                return Replay([], False, position)
             return merge_replay(streams, True, position, limit, self._cap,
                                 resuming=parsed is not None)
 
-    async def _read(self, name: str, after: int, check: bool, limit: int | None,
-                    ) -> tuple[_Meta, list[list[Event]] | None]:
+    async def _history_across(self, pattern: str, since: str | None, limit: int | None,
+                              ) -> Replay:
+        """A pattern whose topics lie in several id spaces: no id says where such a
+        subscription stood, so a ``since`` is never recovered; without one, the
+        retained events of every space, merged."""
+        position = str(SPANNING)
+        if since is not None:
+            return Replay([], False, position)
+        keep = self._cap + 1 if limit is None else limit
+        spaces = await self._listed_spaces()
+        reads = self._client.pipeline(transaction=False)
+        for space in spaces:
+            reads.eval(READ_TOPICS, 3, space.meta, space.by_seq, space.gone, 1)
+        wanted = [(space, _meta(raw_meta, now), as_text(topic)) for space, (raw_meta, now, rows, _)
+                  in zip(spaces, await reads.execute(), strict=True)
+                  for topic in rows[::2] if matches(pattern, as_text(topic))]
+        streams: list[list[Event]] = []
+        for at in range(0, len(wanted), READ_CHUNK):
+            chunk = wanted[at:at + READ_CHUNK]
+            reads = self._client.pipeline(transaction=False)
+            for space, _, topic in chunk:
+                reads.xrange(space.stream(topic), min="-", max="+", count=keep)
+            for (_, meta, _), entries in zip(chunk, await reads.execute(), strict=True):
+                streams.append(self._after(_entries(entries), meta, False, 0, 0) or [])
+            if sum(map(len, streams)) > keep:
+                streams = [oldest(streams, keep)]
+        return merge_replay(streams, True, position, limit, self._cap, resuming=False)
+
+    async def _read(self, space: Space, name: str, after: int, check: bool,
+                    limit: int | None) -> tuple[_Meta, list[list[Event]] | None]:
         """The meta and each matching topic's retained events after seq ``after``, or
         None for the events when ``check`` finds some of them were dropped."""
         if not is_pattern(name):
-            return await self._read_topic(name, after, check)
-        return await self._read_pattern(name, after, check, limit)
+            return await self._read_topic(space, name, after, check)
+        return await self._read_pattern(space, name, after, check, limit)
 
-    async def _read_topic(self, topic: str, after: int, check: bool,
+    async def _read_topic(self, space: Space, topic: str, after: int, check: bool,
                           ) -> tuple[_Meta, list[list[Event]] | None]:
-        transaction = self._client.pipeline(transaction=True)
-        _read_meta(transaction)
-        transaction.xrange(stream_key(topic), min=f"{after + 1}-0", max="+",
-                           count=self._cap + 1)
-        transaction.zscore(TOPICS_BY_SEQ, topic)
-        transaction.zscore(TOPICS_GONE, topic)
-        raw_meta, now, entries, last, tombstone = await transaction.execute()
+        raw_meta, now, entries, last, tombstone = await self._client.eval(
+            READ_TOPIC, 4, space.meta, space.by_seq, space.gone, space.stream(topic),
+            topic, f"{after + 1}-0", self._cap + 1)
         meta = _meta(raw_meta, now)
-        last_seq = int(next((seq for seq in (last, tombstone) if seq is not None),
-                            meta.forgotten))
-        events = self._after(entries, meta, check, after, last_seq)
+        last_seq = int(float(next((seq for seq in (last, tombstone) if seq is not None),
+                                  meta.forgotten)))
+        events = self._after(_script_entries(entries), meta, check, after, last_seq)
         return meta, None if events is None else [events]
 
-    async def _read_pattern(self, pattern: str, after: int, check: bool, limit: int | None,
-                            ) -> tuple[_Meta, list[list[Event]] | None]:
-        transaction = self._client.pipeline(transaction=True)
-        _read_meta(transaction)
-        transaction.zrangebyscore(TOPICS_BY_SEQ, after + 1, "+inf", withscores=True)
-        transaction.zrangebyscore(TOPICS_GONE, after + 1, "+inf")
-        raw_meta, now, rows, gone = await transaction.execute()
+    async def _read_pattern(self, space: Space, pattern: str, after: int, check: bool,
+                            limit: int | None) -> tuple[_Meta, list[list[Event]] | None]:
+        raw_meta, now, rows, gone = await self._client.eval(
+            READ_TOPICS, 3, space.meta, space.by_seq, space.gone, after + 1)
         meta = _meta(raw_meta, now)
         if check and (meta.forgotten > after or any(
-                matches(pattern, _text(topic)) for topic in gone)):
+                matches(pattern, as_text(topic)) for topic in gone)):
             return meta, None
-        topics = [(topic, int(seq)) for topic, seq in ((_text(t), s) for t, s in rows)
+        pairs = zip(rows[::2], rows[1::2], strict=True)
+        topics = [(topic, int(float(seq))) for topic, seq in ((as_text(t), s) for t, s in pairs)
                   if matches(pattern, topic)]
         keep = self._cap + 1 if limit is None else limit
         streams: list[list[Event]] = []
@@ -323,9 +456,9 @@ class RedisBroker(Broker):
             chunk = topics[at:at + READ_CHUNK]
             reads = self._client.pipeline(transaction=False)
             for topic, _ in chunk:
-                reads.xrange(stream_key(topic), min=f"{after + 1}-0", max="+", count=keep)
+                reads.xrange(space.stream(topic), min=f"{after + 1}-0", max="+", count=keep)
             for (_, last_seq), entries in zip(chunk, await reads.execute(), strict=True):
-                events = self._after(entries, meta, check, after, last_seq)
+                events = self._after(_entries(entries), meta, check, after, last_seq)
                 if events is None:
                     return meta, None
                 streams.append(events)
@@ -333,12 +466,12 @@ class RedisBroker(Broker):
                 streams = [oldest(streams, keep)]
         return meta, streams
 
-    def _after(self, entries: list[tuple[bytes, dict[bytes, bytes]]], meta: _Meta,
-               check: bool, after: int, last_seq: int) -> list[Event] | None:
+    def _after(self, entries: list[StreamEntry], meta: _Meta, check: bool, after: int,
+               last_seq: int) -> list[Event] | None:
         """The retained events of one topic after ``after``; None if ``check`` finds
         that some of them were dropped."""
-        deadline = meta.now_ms - _ms(self.options.retention.ttl)
-        kept = [entry for entry in _entries(entries)
+        deadline = meta.now_ms - milliseconds(self.options.retention.ttl)
+        kept = [entry for entry in entries
                 if not self.options.retention.ttl or entry.event.ts >= deadline]
         if check:
             dropped_upto = kept[0].prev if kept else last_seq
@@ -350,63 +483,94 @@ class RedisBroker(Broker):
     def _cap(self) -> int:
         return self.options.retention.max_replay
 
-    async def position(self) -> EventId:
-        """See ``Broker.position``. Calls made while a read is under way share the
-        next read, so a storm of subscribes costs a few round trips, not one each."""
+    # -- positions -------------------------------------------------------------------------
+
+    async def position(self, name: str) -> EventId:
+        """See ``Broker.position``: the newest id of ``name``'s space. Calls made while a
+        read of that space is under way share the next read, so a storm of subscribes
+        costs a few round trips, not one each."""
         if self._closed:
             raise BrokerUnavailable("the broker is closed")
+        space = self._space(name)
+        if space is None:
+            return SPANNING
+        return await self._position_of(space)
+
+    async def _position_of(self, space: Space) -> EventId:
         loop = asyncio.get_running_loop()
         waiter: asyncio.Future[EventId] = loop.create_future()
-        self._position_waiters.append(waiter)
-        if self._position_reader is None:
-            self._position_reader = loop.create_task(self._read_positions())
+        self._position_waiters.setdefault(space.name, []).append(waiter)
+        if space.name not in self._position_readers:
+            self._position_readers[space.name] = loop.create_task(self._read_position(space))
         try:
             return await asyncio.wait_for(asyncio.shield(waiter), self.options.timeout)
         except TimeoutError:
             raise BrokerUnavailable("the broker did not answer (position)") from None
 
-    async def _read_positions(self) -> None:
+    async def _read_position(self, space: Space) -> None:
         try:
-            while self._position_waiters:
-                waiters, self._position_waiters = self._position_waiters, []
+            while self._position_waiters.get(space.name):
+                waiters = self._position_waiters.pop(space.name)
                 try:
                     async with asyncio.timeout(self.options.timeout):
-                        epoch, seq = await self._position_script(keys=_SCRIPT_KEYS,
-                                                                 args=[new_epoch()])
+                        found = (await self._read_positions([space]))[space.name]
                 except _FAILURES as exc:
                     log.warning("position from redis at %s failed: %s", self._where,
                                 _describe(exc))
                     _settle(waiters, BrokerUnavailable("the broker did not answer (position)"))
                     continue
-                _settle(waiters, EventId(_text(epoch), int(seq)))
+                _settle(waiters, found)
         finally:
-            self._position_reader = None
-            _settle(self._position_waiters, BrokerUnavailable())
-            self._position_waiters = []
+            del self._position_readers[space.name]
+            _settle(self._position_waiters.pop(space.name, []), BrokerUnavailable())
+
+    async def positions(self, spaces: Sequence[str]) -> dict[str, EventId]:
+        """The newest id of each named space, in one round trip per shard (for the
+        listener, which reads them before it subscribes)."""
+        return await self._read_positions([self._space_named(name) for name in spaces])
+
+    async def _read_positions(self, spaces: Sequence[Space]) -> dict[str, EventId]:
+        reads = self._client.pipeline(transaction=False)
+        for space in spaces:
+            reads.eval(POSITION, 4, *space.indexes, self._new_epoch(space))
+        found = await reads.execute()
+        return {space.name: EventId(as_text(epoch), int(seq))
+                for space, (epoch, seq) in zip(spaces, found, strict=True)}
+
+    # -- listings --------------------------------------------------------------------------
 
     async def last_ids(self, topics: Sequence[str]) -> dict[str, str]:
-        if not topics:
+        by_space: dict[str, tuple[Space, list[str]]] = {}
+        for topic in topics:
+            space = self._space_of(topic)
+            by_space.setdefault(space.name, (space, []))[1].append(topic)
+        chunks = [(space, names[at:at + LAST_CHUNK]) for space, names in by_space.values()
+                  for at in range(0, len(names), LAST_CHUNK)]
+        if not chunks:
             return {}
         async with self._answer("last ids"):
-            transaction = self._client.pipeline(transaction=True)
-            _read_meta(transaction)
-            transaction.zmscore(TOPICS_BY_SEQ, list(topics))
-            transaction.zmscore(TOPICS_BY_TS, list(topics))
-            raw_meta, now, seqs, stamps = await transaction.execute()
-        meta = _meta(raw_meta, now)
-        deadline = meta.now_ms - _ms(self.options.retention.ttl)
-        return {topic: str(EventId(meta.epoch, int(seq)))
-                for topic, seq, ts in zip(topics, seqs, stamps, strict=True)
-                if seq is not None and ts is not None
-                and (not self.options.retention.ttl or ts >= deadline)}
+            reads = self._client.pipeline(transaction=False)
+            for space, names in chunks:
+                reads.eval(READ_LAST, 3, space.meta, space.by_seq, space.by_ts, *names)
+            found = await reads.execute()
+        ttl = milliseconds(self.options.retention.ttl)
+        last: dict[str, str] = {}
+        for (_, names), (raw_meta, now, seqs, stamps) in zip(chunks, found, strict=True):
+            meta = _meta(raw_meta, now)
+            for topic, seq, ts in zip(names, seqs, stamps, strict=True):
+                if seq is not None and ts is not None and (
+                        not ttl or float(ts) >= meta.now_ms - ttl):
+                    last[topic] = str(EventId(meta.epoch, int(float(seq))))
+        return last
 
     async def retained_topics(self) -> list[str]:
-        ttl = _ms(self.options.retention.ttl)
+        ttl = milliseconds(self.options.retention.ttl)
         async with self._answer("retained topics"):
-            seconds, micros = await self._client.time()
-            deadline = seconds * 1000 + micros // 1000 - ttl if ttl else "-inf"
-            topics = await self._client.zrangebyscore(TOPICS_BY_TS, deadline, "+inf")
-        return [_text(topic) for topic in topics]
+            reads = self._client.pipeline(transaction=False)
+            for space in await self._listed_spaces():
+                reads.eval(RETAINED, 1, space.by_ts, ttl)
+            found = await reads.execute()
+        return [as_text(topic) for topics in found for topic in topics]
 
     @contextlib.asynccontextmanager
     async def _answer(self, what: str) -> AsyncIterator[None]:
@@ -433,11 +597,11 @@ class RedisBroker(Broker):
         """This node's counts plus every other live node's, as last written to Redis."""
         totals = dict(self.local_counts(topics))
         async with self._answer("subscriber counts"):
-            members = [_text(member) for member in await self._client.smembers(NODES)]
+            members = [as_text(member) for member in await self._client.smembers(self._nodes)]
             others = [member for member in members if member != self.node_id]
             reads = self._client.pipeline(transaction=False)
             for member in others:
-                reads.hgetall(node_key(member))
+                reads.hgetall(node_key(member, self.nodes_prefix))
             written = await reads.execute() if others else []
         gone = [member for member, counts in zip(others, written, strict=True) if not counts]
         for counts in written:
@@ -446,7 +610,7 @@ class RedisBroker(Broker):
         if gone:  # nodes that stopped reporting: forget them
             with contextlib.suppress(*_FAILURES):
                 async with asyncio.timeout(self.options.timeout):
-                    await self._client.srem(NODES, *gone)
+                    await self._client.srem(self._nodes, *gone)
         return totals
 
     async def _report_counts(self) -> None:
@@ -462,13 +626,13 @@ class RedisBroker(Broker):
     async def _write_counts(self) -> None:
         counts = {name: count
                   for name, count in self.local_counts(self._listener.names()).items() if count}
-        key = node_key(self.node_id)
+        key = node_key(self.node_id, self.nodes_prefix)
         transaction = self._client.pipeline(transaction=True)
         transaction.delete(key)
         if counts:
-            transaction.hset(key, mapping=counts)  # type: ignore[arg-type]
-            transaction.pexpire(key, _ms(COUNTS_TTL))
-            transaction.sadd(NODES, self.node_id)
+            transaction.hset(key, mapping=counts)
+            transaction.pexpire(key, milliseconds(COUNTS_TTL))
+            transaction.sadd(self._nodes, self.node_id)
         await transaction.execute()
 
 
@@ -485,15 +649,10 @@ def _add_counts(totals: dict[str, int], topics: Iterable[str], counts: Mapping[s
             totals[topic] = totals.get(topic, 0) + found
 
 
-def _read_meta(transaction: Any) -> None:
-    transaction.hmget(META, ["epoch", "seq", "forgotten"])
-    transaction.time()
-
-
-def _meta(raw: list[bytes | None], now: tuple[int, int]) -> _Meta:
+def _meta(raw: list[bytes | None], now_ms: int) -> _Meta:
     epoch, seq, forgotten = raw
     return _Meta(epoch.decode() if epoch else "", int(seq or 0), int(forgotten or 0),
-                 now[0] * 1000 + now[1] // 1000)
+                 int(now_ms))
 
 
 def _settle(waiters: list[asyncio.Future[EventId]], outcome: EventId | Exception) -> None:
@@ -515,6 +674,12 @@ def _entries(raw: list[tuple[bytes, dict[bytes, bytes]]]) -> list[StreamEntry]:
     return entries
 
 
+def _script_entries(raw: list[list[Any]]) -> list[StreamEntry]:
+    """Stream entries as a script returns them: ``[id, [field, value, ...]]``."""
+    return _entries([(entry_id, dict(zip(fields[::2], fields[1::2], strict=True)))
+                     for entry_id, fields in raw])
+
+
 def _published(topic: str, outcome: list[Any]) -> Published:
     fresh, text = outcome
     event_id, _, ts = (text.decode() if isinstance(text, bytes) else str(text)).partition(" ")
@@ -529,11 +694,13 @@ def _data(index: int, data: Any) -> bytes:
                           f"events[{index}]: data cannot be published: {exc}") from None
 
 
-def _ms(seconds: float) -> int:
+def milliseconds(seconds: float) -> int:
+    """``seconds`` in whole milliseconds, at least 1; 0 stays 0 (none)."""
     return max(1, int(seconds * 1000)) if seconds > 0 else 0
 
 
-def _text(value: Any) -> str:
+def as_text(value: Any) -> str:
+    """A reply from Redis (bytes, or already text) as text."""
     return value.decode() if isinstance(value, bytes) else str(value)
 
 

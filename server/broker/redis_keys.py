@@ -1,10 +1,15 @@
-"""Where the Redis broker keeps things, and the bytes it puts on the wire.
+"""Where the Redis brokers keep things, and the bytes they put on the wire.
 
-Every key and channel starts with ``squall:``. Topic characters (letters, digits and
-``_ - : @``, segments joined by ``.``) never include a space, so a space separates a
-topic from an idempotency key. Events travel as one msgpack array
-``[topic, id, ts, data]``, the same bytes in the topic's stream and on its channel,
-so every node decodes each event once.
+Every key and channel starts with ``squall:``. Ids, history and idempotency keys live
+in an id space (``Space``): one counter, one epoch and one set of topic indexes, with
+every key of the space under one prefix. A single Redis has one space, ``squall:``
+itself; Redis Cluster has one per slot, ``squall:{tag}:`` with a tag that hashes to
+the slot, so that one script can touch every key of a space (see redis_cluster.py for
+which slot a topic is in). Topic characters (letters, digits and ``_ - : @``, segments joined
+by ``.``) never include a space or a brace, so a space separates a topic from an
+idempotency key and a topic never changes which part of a key is the hash tag.
+Events travel as one msgpack array ``[topic, id, ts, data]``, the same bytes in the
+topic's stream and on its channels, so every node decodes each event once.
 """
 
 from __future__ import annotations
@@ -19,29 +24,68 @@ from server.events import Event, EventId
 from server.topics import SINGLE, TAIL
 
 PREFIX = "squall:"
-META = PREFIX + "meta"  # hash: epoch, seq (the last id's), forgotten (seq watermark)
-TOPICS_BY_SEQ = PREFIX + "topics:seq"  # zset: topic -> seq of its last event
-TOPICS_BY_TS = PREFIX + "topics:ts"  # zset: topic -> ts of its last retained event
-TOPICS_GONE = PREFIX + "topics:gone"  # zset: forgotten topic -> seq of its last event
-STREAM = PREFIX + "stream:"  # + topic: the topic's history
-CHANNEL = PREFIX + "event:"  # + topic: where its events are published
-NODES = PREFIX + "nodes"  # set of node ids that report subscriber counts
-NODE = PREFIX + "node:"  # + node id: hash of subscribed name -> local subscribers
-IDEMPOTENCY = PREFIX + "idem:"  # + topic, a space and the key: the first outcome
+NODES = PREFIX + "nodes"  # set of node ids that report subscriber counts (single Redis)
 
 _ARRAY_OF_FOUR = b"\x94"
 
 
+class Space:
+    """The keys of one id space. ``name`` is "" for a single Redis, the slot on a
+    cluster; ``prefix`` starts every key and channel of the space:
+
+    - ``meta``: hash of epoch, seq (the newest id's) and forgotten (a seq watermark);
+    - ``by_seq``: zset of topic -> seq of its newest event; ``by_ts``: topic -> ts of
+      its newest retained event; ``gone``: forgotten topic -> seq of its newest event;
+    - per topic: ``stream`` (its history), ``channel`` (where its events go out) and
+      ``idempotency`` keys (a publish's first outcome, per key).
+    """
+
+    __slots__ = ("by_seq", "by_ts", "gone", "meta", "name", "prefix")
+
+    def __init__(self, name: str, prefix: str) -> None:
+        self.name = name
+        self.prefix = prefix
+        self.meta = prefix + "meta"
+        self.by_seq = prefix + "topics:seq"
+        self.by_ts = prefix + "topics:ts"
+        self.gone = prefix + "topics:gone"
+
+    @classmethod
+    def tagged(cls, tag: str, name: str) -> Space:
+        """A space whose every key carries the hash tag ``{tag}``: all in its slot."""
+        return cls(name, f"{PREFIX}{{{tag}}}:")
+
+    @property
+    def indexes(self) -> list[str]:
+        """The keys every script of the space takes first: meta and the topic indexes."""
+        return [self.meta, self.by_seq, self.by_ts, self.gone]
+
+    def stream(self, topic: str) -> str:
+        return self.prefix + "stream:" + topic
+
+    def channel(self, topic: str) -> bytes:
+        return (self.prefix + "event:" + topic).encode()
+
+    def idempotency(self, topic: str, key: str) -> str:
+        return self.prefix + "idem:" + topic + " " + key
+
+    def __repr__(self) -> str:
+        return f"Space({self.name!r})"
+
+
+SINGLE_SPACE = Space("", PREFIX)
+
+
 def stream_key(topic: str) -> str:
-    return STREAM + topic
+    return SINGLE_SPACE.stream(topic)
 
 
 def channel(topic: str) -> bytes:
-    return (CHANNEL + topic).encode()
+    return SINGLE_SPACE.channel(topic)
 
 
-def node_key(node_id: str) -> str:
-    return NODE + node_id
+def node_key(node_id: str, prefix: str = PREFIX) -> str:
+    return prefix + "node:" + node_id
 
 
 def glob(pattern: str) -> bytes:
@@ -57,7 +101,7 @@ def glob(pattern: str) -> bytes:
             segments.append("*")
         else:
             segments.append("".join(c if c.isalnum() else "\\" + c for c in segment))
-    return (CHANNEL + ".".join(segments)).encode()
+    return SINGLE_SPACE.channel(".".join(segments))
 
 
 def encode_head(topic: str) -> bytes:
