@@ -48,7 +48,8 @@ class Settings:
     trust_proxy_headers: bool = _setting(False, "take the client address from "
                                          "X-Forwarded-For / X-Real-Ip (only behind a proxy)")
     port: int = _setting(8888, "port to listen on", minimum=0)
-    broker: str = _setting("memory://", "broker URL: memory:// or redis://host:6379/0")
+    broker: str = _setting("memory://", "broker URL: memory://, redis://host:6379/0 or "
+                           "redis+cluster://host:7000,host:7001")
     workers: int = _setting(1, "processes serving one port (more than 1 needs Redis)",
                             minimum=1)
     node_name: str = _setting("", "this node's name in webhooks and logs (default: host name)")
@@ -129,6 +130,9 @@ class Settings:
     dedupe_window: float = _setting(300.0, "seconds an Idempotency-Key is remembered",
                                     minimum=0)
     dedupe_max_keys: int = _setting(100_000, "Idempotency-Keys remembered at most", minimum=0)
+    redis_wait_replicas: int = _setting(0, "Redis replicas that must acknowledge a publish "
+                                        "(WAIT) before it is answered 202; 0: the master's "
+                                        "word is enough", minimum=0)
     # extension points
     signal_queue: int = _setting(10_000, "async signal receiver calls queued at most "
                                  "(more are dropped and counted)", minimum=1)

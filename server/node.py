@@ -102,4 +102,5 @@ def broker_options(settings: Settings) -> BrokerOptions:
                           max_replay=settings.max_replay_events)
     return BrokerOptions(retention=retention, timeout=settings.broker_timeout,
                          dedupe_window=settings.dedupe_window,
-                         dedupe_max_keys=settings.dedupe_max_keys)
+                         dedupe_max_keys=settings.dedupe_max_keys,
+                         wait_replicas=settings.redis_wait_replicas)

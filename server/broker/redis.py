@@ -320,7 +320,7 @@ class RedisBroker(Broker):
         except _FAILURES as exc:
             self._failed_at = asyncio.get_running_loop().time()
             level = logging.ERROR if isinstance(exc, ResponseError) else logging.WARNING
-            log.log(level, "publish to redis at %s failed: %s", self._where, _describe(exc))
+            log.log(level, "publish to redis at %s failed: %s", self._where, describe(exc))
             raise BrokerUnavailable() from None
         self._failed_at = None
         if forgotten:
@@ -361,7 +361,7 @@ class RedisBroker(Broker):
                                         *map(space.stream, topics), *topics)
         except _FAILURES as exc:  # they expire with the history ttl
             log.warning("deleting the history of forgotten topics failed: %s",
-                        _describe(exc))
+                        describe(exc))
 
     # -- history ---------------------------------------------------------------------------
 
@@ -516,7 +516,7 @@ class RedisBroker(Broker):
                         found = (await self._read_positions([space]))[space.name]
                 except _FAILURES as exc:
                     log.warning("position from redis at %s failed: %s", self._where,
-                                _describe(exc))
+                                describe(exc))
                     _settle(waiters, BrokerUnavailable("the broker did not answer (position)"))
                     continue
                 _settle(waiters, found)
@@ -581,7 +581,7 @@ class RedisBroker(Broker):
             async with asyncio.timeout(self.options.timeout):
                 yield
         except _FAILURES as exc:
-            log.warning("%s from redis at %s failed: %s", what, self._where, _describe(exc))
+            log.warning("%s from redis at %s failed: %s", what, self._where, describe(exc))
             raise BrokerUnavailable(f"the broker did not answer ({what})") from None
 
     # -- subscriptions and counts -----------------------------------------------------------
@@ -621,7 +621,7 @@ class RedisBroker(Broker):
                 async with asyncio.timeout(self.options.timeout):
                     await self._write_counts()
             except _FAILURES as exc:
-                log.debug("writing subscriber counts to redis failed: %s", _describe(exc))
+                log.debug("writing subscriber counts to redis failed: %s", describe(exc))
 
     async def _write_counts(self) -> None:
         counts = {name: count
@@ -704,5 +704,6 @@ def as_text(value: Any) -> str:
     return value.decode() if isinstance(value, bytes) else str(value)
 
 
-def _describe(exc: BaseException) -> str:
+def describe(exc: BaseException) -> str:
+    """An exception for a log line: its type, and its message when it has one."""
     return f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__

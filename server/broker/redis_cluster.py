@@ -64,7 +64,7 @@ from redis.exceptions import AskError, MovedError, NoScriptError, RedisError, Tr
 
 from server.broker.base import BrokerOptions, EventHandler
 from server.broker.memory import new_epoch
-from server.broker.redis import MAX_CONNECTIONS, RedisBroker, as_text, milliseconds
+from server.broker.redis import MAX_CONNECTIONS, RedisBroker, as_text, describe, milliseconds
 from server.broker.redis_keys import PREFIX, Space
 from server.broker.redis_listener import Shards, Target
 from server.broker.redis_lua import POSITION, PUBLISH
@@ -265,8 +265,8 @@ class RedisClusterBroker(RedisBroker):
             async with asyncio.timeout(self.options.timeout):
                 await self._give_epochs()
         except (RedisError, OSError, TimeoutError) as exc:
-            log.warning("redis cluster at %s does not answer yet (%s); its slots start "
-                        "epochs of their own", self._where, exc)
+            log.warning("redis cluster at %s did not answer in time (%s); slots without "
+                        "an epoch start their own", self._where, describe(exc))
         await super().start(on_event)
 
     async def _give_epochs(self) -> None:

@@ -529,8 +529,8 @@ class Listener:
 
     def _report_gaps(self, names: Iterable[str]) -> None:
         for name in names:
-            log.warning("events of %s were lost while the redis connection was down and "
-                        "are no longer in its history", name)
+            log.warning("events of %s may have been lost while a redis connection was "
+                        "down, and its history cannot replay them", name)
             try:
                 self._on_gap(name)
             except Exception:
