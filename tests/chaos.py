@@ -7,7 +7,9 @@ when none came), retries a subscribe answered ``broker_unavailable``, and notes 
 ``recovered: false``. ``Publisher`` POSTs numbered events at a steady rate, each with
 its own ``Idempotency-Key``, retrying 503s and connection errors with the same key
 until it gets a 202. ``Readiness`` samples ``/readyz``. ``Outcome`` says, per
-subscriber, which accepted events arrived.
+subscriber, which accepted events arrived. ``two_nodes`` runs all of them against two
+real nodes on one broker through one fault; ``figures`` sums up what happened and
+writes it to tests/artifacts/chaos.json.
 """
 
 from __future__ import annotations
@@ -16,15 +18,23 @@ import asyncio
 import contextlib
 import json
 import time
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import websockets
 from tornado.httpclient import AsyncHTTPClient, HTTPClientError
 
 from server.topics import matches
+from tests.server_process import ServerProcess
 
 RETRY_PAUSE = 0.02
+ARTIFACTS = Path(__file__).parent / "artifacts"
+NAMES = (["chaos.a"], ["chaos.*"])
+TOPICS = ["chaos.a", "chaos.b"]
+SETTLE = 1.5  # seconds of publishing before the fault and after the broker is back
+PUBLISHER_STOPS = 30.0  # seconds the publisher may take to get its last events accepted
 
 
 class Resumer:
@@ -241,3 +251,90 @@ async def received_all(subscriber: Resumer, accepted: list[Accepted], timeout: f
     deadline = time.monotonic() + timeout
     while Outcome.of(subscriber, accepted).missing and time.monotonic() < deadline:
         await asyncio.sleep(0.05)
+
+
+Fault = Callable[[], Awaitable[tuple[float, float]]]
+
+
+async def two_nodes(url: str, fault: Fault, broker_timeout: float, *flags: str,
+                    topics: Sequence[str] = TOPICS,
+                    names: Sequence[list[str]] = NAMES) -> dict[str, Any]:
+    """Two nodes on the broker at ``url``, a subscriber of each of ``names`` on each
+    node, a publisher to ``topics`` on the first, and one fault, which returns when
+    it started and when it ended; what happened."""
+    flags = ("--broker", url, "--broker-timeout", str(broker_timeout),
+             "--ping-interval", "0", *flags)
+    nodes = [ServerProcess(*flags, "--node-name", name) for name in ("node-a", "node-b")]
+    for node in nodes:
+        node.start()
+    subscribers = [Resumer(f"ws://127.0.0.1:{node.port}/v1/ws", list(subscribed))
+                   for node in nodes for subscribed in names]
+    readiness = Readiness([node.url for node in nodes])
+    publisher = Publisher([nodes[0].url], list(topics))
+    try:
+        for subscriber in subscribers:
+            subscriber.start()
+            await asyncio.wait_for(subscriber.connected.wait(), 10)
+        readiness.start()
+        publishing = asyncio.ensure_future(publisher.run())
+        await asyncio.sleep(SETTLE)
+        started, ended = await fault()
+        await asyncio.sleep(SETTLE)
+        publisher.stop()
+        try:  # each worker stops once its event is accepted
+            await asyncio.wait_for(publishing, PUBLISHER_STOPS)
+        except TimeoutError:
+            raise AssertionError("publishes are still refused long after the fault:\n"
+                                 + "".join(nodes[0].log[-40:])) from None
+        for subscriber in subscribers:
+            await received_all(subscriber, [event for event in publisher.accepted
+                                            if event.at > ended], 20)
+        await asyncio.sleep(0.5)  # anything more (duplicates, say) would arrive by now
+    finally:
+        await readiness.stop()
+        for subscriber in subscribers:
+            await subscriber.stop()
+        logs = ["".join(node.log) for node in nodes]
+        for node in nodes:
+            node.stop()
+    return {"publisher": publisher, "subscribers": subscribers, "readiness": readiness,
+            "fault": (started, ended), "logs": logs, "nodes": nodes}
+
+
+def figures(name: str, outcome: dict[str, Any], **extra: Any) -> dict[str, Any]:
+    """The run's figures, also written to tests/artifacts/chaos.json."""
+    publisher: Publisher = outcome["publisher"]
+    started, ended = outcome["fault"]
+    readiness: Readiness = outcome["readiness"]
+    unready = readiness.first(started, all_ready=False)
+    ready = readiness.first(ended, all_ready=True)
+    results = [Outcome.of(subscriber, publisher.accepted)
+               for subscriber in outcome["subscribers"]]
+    found = {
+        "accepted": len(publisher.accepted), "answered_503": publisher.unavailable,
+        "connection_errors": publisher.failed,
+        "slowest_503_s": round(publisher.slowest_503, 3),
+        "slowest_answer_s": round(publisher.slowest, 3),
+        "delivered": sum(result.received for result in results),
+        "expected": sum(result.expected for result in results),
+        "lost_after_recovery": sum(1 for result in results for event in result.missing
+                                   if event.at > ended),
+        "lost_before_fault": sum(1 for result in results for event in result.missing
+                                 if event.at <= ended),
+        "duplicates": sum(subscriber.duplicates for subscriber in outcome["subscribers"]),
+        "unready_after_s": None if unready is None else round(unready - started, 3),
+        "ready_after_s": None if ready is None else round(ready - ended, 3),
+        **extra,
+    }
+    ARTIFACTS.mkdir(exist_ok=True)
+    path = ARTIFACTS / "chaos.json"
+    recorded = json.loads(path.read_text()) if path.exists() else {}
+    recorded[name] = found
+    path.write_text(json.dumps(recorded, indent=2) + "\n")
+    print(name, found)
+    return found
+
+
+def no_tracebacks(outcome: dict[str, Any]) -> None:
+    for log in outcome["logs"]:
+        assert "Traceback" not in log, log

@@ -115,6 +115,7 @@ class LocalCluster:
             [self.server, "--port", str(node.port), "--bind", "127.0.0.1",
              "--cluster-enabled", "yes", "--cluster-config-file", "nodes.conf",
              "--cluster-node-timeout", str(NODE_TIMEOUT_MS), "--save", "", *persistence,
+             "--repl-diskless-sync-delay", "0",
              "--dir", data, "--protected-mode", "no", "--loglevel", "warning"],
             stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT)
         deadline = time.monotonic() + START_TIMEOUT
@@ -221,17 +222,21 @@ class LocalCluster:
         raise LookupError(f"no master serves slot {slot}")
 
     def ok(self) -> bool:
-        """Every live node sees all slots served and the same number of masters."""
+        """Every live node sees all slots served and the same number of masters, and
+        every replica is in sync with its master (only then can it be promoted)."""
         for node in self.live():
             try:
                 with node.client(timeout=1.0) as admin:
                     info = admin.execute_command("CLUSTER", "INFO")
+                    replication = admin.info("replication")
             except redis.RedisError:
                 return False
             text = info.decode() if isinstance(info, bytes) else str(info)
             if "cluster_state:ok" not in text or "cluster_slots_ok:16384" not in text:
                 return False
             if f"cluster_size:{self.masters_wanted}" not in text:
+                return False
+            if replication["role"] == "slave" and replication["master_link_status"] != "up":
                 return False
         return True
 

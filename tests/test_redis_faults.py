@@ -20,7 +20,6 @@ lost, recovery times).
 from __future__ import annotations
 
 import asyncio
-import json
 import time
 from collections.abc import Awaitable, Callable, Iterator
 from pathlib import Path
@@ -28,16 +27,10 @@ from typing import Any
 
 import pytest
 
-from tests.chaos import Outcome, Publisher, Readiness, Resumer, epoch, received_all
+from tests.chaos import Outcome, Publisher, epoch, figures, no_tracebacks, two_nodes
 from tests.redis_server import RedisServer, require_redis_server
-from tests.server_process import ServerProcess
 
 pytestmark = [pytest.mark.redis, pytest.mark.gen_test(timeout=120)]
-
-ARTIFACTS = Path(__file__).parent / "artifacts"
-NAMES = (["chaos.a"], ["chaos.*"])
-TOPICS = ["chaos.a", "chaos.b"]
-SETTLE = 1.5  # seconds of publishing before the fault and after Redis is back
 
 Fault = Callable[[RedisServer], Awaitable[tuple[float, float]]]
 
@@ -77,79 +70,8 @@ def freeze_for(seconds: float) -> Fault:
 
 
 async def run(redis: RedisServer, fault: Fault, broker_timeout: float) -> dict[str, Any]:
-    """Two nodes, four subscribers, a publisher, one fault; what happened."""
-    flags = ["--broker", redis.url(), "--broker-timeout", str(broker_timeout),
-             "--ping-interval", "0"]
-    nodes = [ServerProcess(*flags, "--node-name", name) for name in ("node-a", "node-b")]
-    for node in nodes:
-        node.start()
-    subscribers = [Resumer(f"ws://127.0.0.1:{node.port}/v1/ws", names)
-                   for node in nodes for names in NAMES]
-    readiness = Readiness([node.url for node in nodes])
-    publisher = Publisher([nodes[0].url], TOPICS)
-    try:
-        for subscriber in subscribers:
-            subscriber.start()
-            await asyncio.wait_for(subscriber.connected.wait(), 10)
-        readiness.start()
-        publishing = asyncio.ensure_future(publisher.run())
-        await asyncio.sleep(SETTLE)
-        started, ended = await fault(redis)
-        await asyncio.sleep(SETTLE)
-        publisher.stop()
-        await publishing
-        for subscriber in subscribers:
-            await received_all(subscriber, [event for event in publisher.accepted
-                                            if event.at > ended], 20)
-        await asyncio.sleep(0.5)  # anything more (duplicates, say) would arrive by now
-    finally:
-        await readiness.stop()
-        for subscriber in subscribers:
-            await subscriber.stop()
-        logs = ["".join(node.log) for node in nodes]
-        for node in nodes:
-            node.stop()
-    return {"publisher": publisher, "subscribers": subscribers, "readiness": readiness,
-            "fault": (started, ended), "logs": logs}
-
-
-def figures(name: str, outcome: dict[str, Any], **extra: Any) -> dict[str, Any]:
-    """The run's figures, also written to tests/artifacts/chaos.json."""
-    publisher: Publisher = outcome["publisher"]
-    started, ended = outcome["fault"]
-    readiness: Readiness = outcome["readiness"]
-    unready = readiness.first(started, all_ready=False)
-    ready = readiness.first(ended, all_ready=True)
-    results = [Outcome.of(subscriber, publisher.accepted)
-               for subscriber in outcome["subscribers"]]
-    found = {
-        "accepted": len(publisher.accepted), "answered_503": publisher.unavailable,
-        "connection_errors": publisher.failed,
-        "slowest_503_s": round(publisher.slowest_503, 3),
-        "slowest_answer_s": round(publisher.slowest, 3),
-        "delivered": sum(result.received for result in results),
-        "expected": sum(result.expected for result in results),
-        "lost_after_recovery": sum(1 for result in results for event in result.missing
-                                   if event.at > ended),
-        "lost_before_fault": sum(1 for result in results for event in result.missing
-                                 if event.at <= ended),
-        "duplicates": sum(subscriber.duplicates for subscriber in outcome["subscribers"]),
-        "unready_after_s": None if unready is None else round(unready - started, 3),
-        "ready_after_s": None if ready is None else round(ready - ended, 3),
-        **extra,
-    }
-    ARTIFACTS.mkdir(exist_ok=True)
-    path = ARTIFACTS / "chaos.json"
-    recorded = json.loads(path.read_text()) if path.exists() else {}
-    recorded[name] = found
-    path.write_text(json.dumps(recorded, indent=2) + "\n")
-    print(name, found)
-    return found
-
-
-def no_tracebacks(outcome: dict[str, Any]) -> None:
-    for log in outcome["logs"]:
-        assert "Traceback" not in log, log
+    """Two nodes on ``redis``, four subscribers, a publisher, one fault."""
+    return await two_nodes(redis.url(), lambda: fault(redis), broker_timeout)
 
 
 async def test_redis_killed_without_persistence_loses_only_what_it_forgot(own_redis):

@@ -62,7 +62,13 @@ import msgpack
 from redis.asyncio import BlockingConnectionPool, ConnectionPool, Redis
 from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
-from redis.exceptions import NoScriptError, RedisError, ResponseError
+from redis.exceptions import (
+    ClusterDownError,
+    NoScriptError,
+    RedisError,
+    ResponseError,
+    TryAgainError,
+)
 
 from server.broker.base import Broker, BrokerOptions, EventHandler, Published, PublishRequest
 from server.broker.memory import new_epoch
@@ -80,6 +86,7 @@ from server.broker.redis_keys import (
 )
 from server.broker.redis_listener import Listener, Shards, Target
 from server.broker.redis_lua import (
+    COUNTS,
     FORGET,
     POSITION,
     PUBLISH,
@@ -101,6 +108,7 @@ MAX_CONNECTIONS = 64  # command connections per process; publishes beyond wait t
 COUNTS_INTERVAL = 2.0  # seconds between writes of this node's subscriber counts
 COUNTS_TTL = 3 * COUNTS_INTERVAL
 _FAILURES = (RedisError, OSError, TimeoutError)
+_PASSING = (ClusterDownError, TryAgainError)  # what a cluster answers while it fails over
 # Events in one call of the publish script at most, when publishes are grouped.
 MAX_SCRIPT_EVENTS = 1000
 READ_CHUNK = 100  # streams read per round trip by a pattern's history
@@ -319,7 +327,8 @@ class RedisBroker(Broker):
                 outcomes, forgotten = await self._run_publish(space, keys, args)
         except _FAILURES as exc:
             self._failed_at = asyncio.get_running_loop().time()
-            level = logging.ERROR if isinstance(exc, ResponseError) else logging.WARNING
+            unexpected = isinstance(exc, ResponseError) and not isinstance(exc, _PASSING)
+            level = logging.ERROR if unexpected else logging.WARNING
             log.log(level, "publish to redis at %s failed: %s", self._where, describe(exc))
             raise BrokerUnavailable() from None
         self._failed_at = None
@@ -626,14 +635,9 @@ class RedisBroker(Broker):
     async def _write_counts(self) -> None:
         counts = {name: count
                   for name, count in self.local_counts(self._listener.names()).items() if count}
-        key = node_key(self.node_id, self.nodes_prefix)
-        transaction = self._client.pipeline(transaction=True)
-        transaction.delete(key)
-        if counts:
-            transaction.hset(key, mapping=counts)
-            transaction.pexpire(key, milliseconds(COUNTS_TTL))
-            transaction.sadd(self._nodes, self.node_id)
-        await transaction.execute()
+        pairs = [part for name, count in counts.items() for part in (name, count)]
+        await self._client.eval(COUNTS, 2, node_key(self.node_id, self.nodes_prefix),
+                                self._nodes, self.node_id, milliseconds(COUNTS_TTL), *pairs)
 
 
 def _add_counts(totals: dict[str, int], topics: Iterable[str], counts: Mapping[str, int]) -> None:

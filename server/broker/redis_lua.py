@@ -273,3 +273,17 @@ if ttl > 0 then
 end
 return redis.call('ZRANGEBYSCORE', KEYS[1], deadline, '+inf')
 """
+
+# A node's subscriber counts, written anew: KEYS the node's hash, the set of nodes; ARGV
+# the node id, the ms the hash lives, then name, count, name, count, ...
+COUNTS = r"""
+redis.call('DEL', KEYS[1])
+if #ARGV > 2 then
+  for i = 3, #ARGV, 1000 do
+    redis.call('HSET', KEYS[1], unpack(ARGV, i, math.min(i + 999, #ARGV)))
+  end
+  redis.call('PEXPIRE', KEYS[1], ARGV[2])
+  redis.call('SADD', KEYS[2], ARGV[1])
+end
+return 1
+"""
