@@ -65,6 +65,7 @@ from redis.backoff import NoBackoff
 from redis.exceptions import (
     ClusterDownError,
     NoScriptError,
+    RedisClusterException,
     RedisError,
     ResponseError,
     TryAgainError,
@@ -107,7 +108,8 @@ log = logging.getLogger("squall.broker.redis")
 MAX_CONNECTIONS = 64  # command connections per process; publishes beyond wait their turn
 COUNTS_INTERVAL = 2.0  # seconds between writes of this node's subscriber counts
 COUNTS_TTL = 3 * COUNTS_INTERVAL
-_FAILURES = (RedisError, OSError, TimeoutError)
+# RedisClusterException (no master known for a slot, no node answers) is no RedisError
+_FAILURES = (RedisError, RedisClusterException, OSError, TimeoutError)
 _PASSING = (ClusterDownError, TryAgainError)  # what a cluster answers while it fails over
 # Events in one call of the publish script at most, when publishes are grouped.
 MAX_SCRIPT_EVENTS = 1000

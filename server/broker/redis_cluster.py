@@ -60,7 +60,14 @@ from redis.asyncio.connection import Connection, SSLConnection
 from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
 from redis.crc import REDIS_CLUSTER_HASH_SLOTS, key_slot
-from redis.exceptions import AskError, MovedError, NoScriptError, RedisError, TryAgainError
+from redis.exceptions import (
+    AskError,
+    MovedError,
+    NoScriptError,
+    RedisClusterException,
+    RedisError,
+    TryAgainError,
+)
 
 from server.broker.base import BrokerOptions, EventHandler
 from server.broker.memory import new_epoch
@@ -240,7 +247,7 @@ class RedisClusterBroker(RedisBroker):
         try:
             async with asyncio.timeout(self.options.timeout):
                 await self._cluster.zadd(LISTED, {space.name: int(time.time() * 1000)})
-        except (RedisError, OSError, TimeoutError) as exc:  # the next publish tries again
+        except (RedisError, RedisClusterException, OSError, TimeoutError) as exc:  # again next time
             log.warning("noting a published slot failed: %s", exc)
             return
         self._listed[int(space.name)] = now
@@ -264,7 +271,7 @@ class RedisClusterBroker(RedisBroker):
         try:
             async with asyncio.timeout(self.options.timeout):
                 await self._give_epochs()
-        except (RedisError, OSError, TimeoutError) as exc:
+        except (RedisError, RedisClusterException, OSError, TimeoutError) as exc:
             log.warning("redis cluster at %s did not answer in time (%s); slots without "
                         "an epoch start their own", self._where, describe(exc))
         await super().start(on_event)

@@ -43,7 +43,7 @@ from typing import Any, Protocol
 
 from redis.asyncio import ConnectionPool
 from redis.asyncio.client import PubSub
-from redis.exceptions import RedisError
+from redis.exceptions import RedisClusterException, RedisError
 
 from server.broker.redis_keys import decode_event
 from server.errors import BrokerUnavailable
@@ -60,7 +60,7 @@ BACKOFF = 0.025
 MAX_BACKOFF = 0.1
 LOG_EVERY = 10.0  # seconds between log lines about failing reconnects
 MAP_EVERY = 0.1  # seconds between two reads of the shards' map, at least
-_FAILURES = (RedisError, OSError, TimeoutError, BrokerUnavailable)
+_FAILURES = (RedisError, RedisClusterException, OSError, TimeoutError, BrokerUnavailable)
 
 # What a name is subscribed with: (target, kind). Kinds: "channel" (SUBSCRIBE),
 # "pattern" (PSUBSCRIBE, a glob), "shard" (SSUBSCRIBE, a cluster's sharded channel).
@@ -336,11 +336,13 @@ class Listener:
         while True:
             try:
                 await self._session(session)
-            except _FAILURES as exc:
+            except Exception as exc:  # a bug is logged below with its traceback
                 if session.was_ready:  # a healthy session ended: start the backoff afresh
                     delay, failures, session.was_ready = BACKOFF, 0, False
                 failures += 1
-                if loop.time() >= quiet_until:
+                if not isinstance(exc, _FAILURES):
+                    log.error("redis listener session failed", exc_info=exc)
+                elif loop.time() >= quiet_until:
                     where = f" from {session.shard}" if session.shard else ""
                     log.warning("redis listener lost its connection%s (%s); reconnecting "
                                 "every %.2fs at most (%d failed attempts)", where,

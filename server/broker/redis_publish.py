@@ -13,11 +13,14 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import logging
 from collections.abc import Awaitable, Callable, Sequence
 from typing import Any
 
 from server.broker.redis_keys import Space
 from server.errors import BrokerUnavailable
+
+log = logging.getLogger("squall.broker.redis")
 
 Send = Callable[[Space, list[Any]], Awaitable[list[Any]]]
 
@@ -92,20 +95,25 @@ class Batches:
 
     async def _run(self, queue: _Queue) -> None:
         try:
-            while queue.waiting:
-                group = [queue.waiting.popleft()]
-                count = len(group[0].events)
-                while (queue.waiting
-                       and count + len(queue.waiting[0].events) <= self._max_events):
-                    group.append(queue.waiting.popleft())
-                    count += len(group[-1].events)
-                await self._send_group(queue.space, group)
+            await self._drain(queue)
+        except Exception:  # a bug: logged here, its publishes answered unavailable below
+            log.exception("grouping publishes for space %r failed", queue.space.name)
         finally:  # stopped (closing) or a bug: nobody may wait for a call that never comes
             queue.task = None
             while queue.waiting:
                 _fail(queue.waiting.popleft())
             if self._queues.get(queue.space.name) is queue:
                 del self._queues[queue.space.name]
+
+    async def _drain(self, queue: _Queue) -> None:
+        while queue.waiting:
+            group = [queue.waiting.popleft()]
+            count = len(group[0].events)
+            while (queue.waiting
+                   and count + len(queue.waiting[0].events) <= self._max_events):
+                group.append(queue.waiting.popleft())
+                count += len(group[-1].events)
+            await self._send_group(queue.space, group)
 
     async def _send_group(self, space: Space, group: list[_Entry]) -> None:
         try:
