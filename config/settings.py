@@ -48,6 +48,7 @@ class Settings:
     trust_proxy_headers: bool = _setting(False, "take the client address from "
                                          "X-Forwarded-For / X-Real-Ip (only behind a proxy)")
     port: int = _setting(8888, "port to listen on", minimum=0)
+    tcp_port: int = _setting(0, "port of the TCP line protocol, on --host (0: off)", minimum=0)
     broker: str = _setting("memory://", "broker URL: memory:// or redis://host:6379/0")
     workers: int = _setting(1, "processes serving one port (more than 1 needs Redis)",
                             minimum=1)
@@ -71,21 +72,26 @@ class Settings:
                                     minimum=1)
     max_batch_bytes: int = _setting(1 * MiB, "largest batch publish body, in bytes", minimum=1)
     max_batch_events: int = _setting(1000, "most events in one batch publish", minimum=1)
-    max_frame_bytes: int = _setting(128 * KiB, "largest WebSocket message from a client "
-                                    "(closed with 1009 above)", minimum=125)
+    max_frame_bytes: int = _setting(128 * KiB, "largest message from a client: a WebSocket "
+                                    "message or a TCP line (closed with 1009 above)",
+                                    minimum=125)
     max_topic_length: int = _setting(255, "longest topic name", minimum=1)
     max_subscriptions: int = _setting(100, "most subscriptions per connection", minimum=1)
     max_bad_frames: int = _setting(20, "bad frames a connection may send before it is "
                                    "closed with 4000", minimum=1)
-    max_connections: int = _setting(20_000, "WebSocket connections this process holds at "
-                                    "most; more are closed with 4029 (0: no limit)", minimum=0)
-    max_connections_per_ip: int = _setting(1000, "WebSocket connections per client address; "
+    max_connections: int = _setting(20_000, "client connections (WebSocket, SSE, TCP) this "
+                                    "process holds at most; more are closed with 4029 "
+                                    "(0: no limit)", minimum=0)
+    max_connections_per_ip: int = _setting(1000, "client connections per client address; "
                                            "more are closed with 4029 (0: no limit)", minimum=0)
     frame_rate: float = _setting(100.0, "frames a second one connection may send on average; "
                                  "more get rate_limited, then a close with 4029 (0: no limit)",
                                  minimum=0)
     frame_burst: int = _setting(200, "frames one connection may send at once above "
                                 "frame_rate", minimum=1)
+    max_pending_bytes: int = _setting(1 * MiB, "bytes of client frames one connection may "
+                                      "have waiting behind one under way (a replay, a "
+                                      "publish); more get rate_limited", minimum=1024)
     publish_rate: float = _setting(0.0, "HTTP publishes a second per API key, token "
                                    "subject or address; more get 429 (0: no limit)", minimum=0)
     publish_burst: int = _setting(2000, "HTTP publishes at once above publish_rate", minimum=1)
@@ -100,6 +106,10 @@ class Settings:
     ping_timeout: float = _setting(20.0, "seconds to wait for a pong before closing "
                                    "(0: never close)",
                                    minimum=0)
+    sse_heartbeat: float = _setting(15.0, "seconds between comment lines on idle SSE streams "
+                                    "(0: none)", minimum=0)
+    sse_retry: float = _setting(3.0, "seconds an EventSource waits before it reconnects "
+                                "(the stream's retry: field)", minimum=0)
     # history and broker
     history_size: int = _setting(100, "events retained per topic (0: no history)", minimum=0)
     history_ttl: float = _setting(300.0, "seconds events are retained (0: no age limit)",
@@ -281,11 +291,17 @@ def _validated(settings: Settings) -> Settings:
         if choices is not None and value not in choices:
             raise SettingsError(f"setting {name} must be one of {', '.join(choices)}, "
                                 f"got {value!r}")
-    if settings.port > 65535:
-        raise SettingsError(f"setting port must be at most 65535, got {settings.port}")
+    for name in ("port", "tcp_port"):
+        if getattr(settings, name) > 65535:
+            raise SettingsError(f"setting {name} must be at most 65535, got "
+                                f"{getattr(settings, name)}")
     if settings.send_queue_bytes < settings.max_event_bytes + 16 * KiB:
         raise SettingsError(f"setting send_queue_bytes ({settings.send_queue_bytes}) must "
                             f"hold one largest event: at least max_event_bytes + 16384")
+    if settings.max_pending_bytes < settings.max_frame_bytes:
+        raise SettingsError(f"setting max_pending_bytes ({settings.max_pending_bytes}) must "
+                            f"hold one largest frame: at least max_frame_bytes "
+                            f"({settings.max_frame_bytes})")
     if settings.ping_interval and settings.ping_timeout > settings.ping_interval:
         raise SettingsError(f"setting ping_timeout ({settings.ping_timeout:g}) must not exceed "
                             f"ping_interval ({settings.ping_interval:g})")

@@ -410,7 +410,7 @@ async def test_other_closes_reconnect_with_backoff(chromium, origin, node, socke
     await tab.start_client(origin, ("t",))
     await tab.all_subscribed()
     if code is None:  # the TCP connection drops without a close frame
-        socket_handlers[-1].ws_connection.stream.close()
+        socket_handlers[-1].transport.abort()
     else:
         node.hub.close_all(code, "again later")
     await tab.wait_open(2)
