@@ -208,6 +208,8 @@ class Session:
                 self._bad_frame(exc, ref)
             else:
                 self.connection.send(error_frame(exc, ref))
+        except RecursionError:  # a value decoded, but too deep to encode again
+            self._bad_frame(SquallError("invalid_body", "the value is nested too deeply"), ref)
 
     def _parse(self, message: Message) -> Command:
         """The command in ``message``; any failure to decode it is ``invalid_body``."""

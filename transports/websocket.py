@@ -343,9 +343,12 @@ class WebSocketHandler(ApiHandler):
         self.sink_factory = sink_factory
 
     def write_error(self, status_code: int, **kwargs: Any) -> None:
-        if status_code == 426:
+        exc_info = kwargs.get("exc_info")
+        error = exc_info[1] if exc_info else None
+        status = error.status if isinstance(error, SquallError) else status_code
+        if status == 426:
             self.set_header("Sec-WebSocket-Version", "13")
-        elif status_code == 405:
+        elif status == 405:
             self.set_header("Allow", "GET, OPTIONS")
         super().write_error(status_code, **kwargs)
 
