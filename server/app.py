@@ -16,6 +16,7 @@ from handlers.openapi import OpenApiHandler
 from handlers.publish import BatchHandler, TopicEventsHandler
 from server.auth import redacted_uri
 from server.node import Node
+from transports.sse import EventStreamHandler
 from transports.websocket import WebSocketHandler
 
 access_log = logging.getLogger("squall.access")
@@ -46,7 +47,7 @@ def access_logger(enabled: bool, requests: Counter) -> Callable[[RequestHandler]
 
 
 def make_app(node: Node, **tornado_settings: Any) -> Application:
-    """The HTTP and WebSocket routes of ``node``, with its limits applied."""
+    """The HTTP, WebSocket and SSE routes of ``node``, with its limits applied."""
     settings = node.settings
     deps = {"node": node, "auth": node.auth}
     routes: list[Any] = [
@@ -54,6 +55,7 @@ def make_app(node: Node, **tornado_settings: Any) -> Application:
         (r"/v1/events", BatchHandler, deps),
         (r"/v1/topics", TopicsHandler, deps),
         (r"/v1/ws", WebSocketHandler, deps),
+        (r"/v1/sse", EventStreamHandler, deps),
         (r"/healthz", HealthHandler, deps),
         (r"/readyz", ReadyHandler, deps),
         (r"/metrics", MetricsHandler, deps),

@@ -30,11 +30,25 @@ import socket
 from typing import Protocol
 
 from tornado.iostream import IOStream, SSLIOStream, StreamClosedError
+from tornado.web import RequestHandler
 
 log = logging.getLogger("squall.transport")
 
 READ_CHUNK = 64 * 1024
 CLOSE_TIMEOUT = 5.0  # seconds a closing connection may take before it is cut
+
+
+def take_stream(handler: RequestHandler, status: int, reason: str,
+                headers: list[tuple[str, str]]) -> IOStream:
+    """Detach the request's stream, answer with ``status`` and ``headers`` by hand and
+    log the request: from here on the caller owns the connection."""
+    handler.set_status(status)
+    handler.application.log_request(handler)
+    stream = handler.detach()
+    handler.ui = None  # type: ignore[assignment]  # as finish() does: a cycle otherwise
+    lines = [f"HTTP/1.1 {status} {reason}", *(f"{name}: {value}" for name, value in headers)]
+    stream.write(("\r\n".join(lines) + "\r\n\r\n").encode("latin-1", "replace"))
+    return stream
 
 
 class Sink(Protocol):

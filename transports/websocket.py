@@ -51,7 +51,7 @@ from server.wire import (
     WireFormat,
     ws_frame,
 )
-from transports.stream import READ_CHUNK, StreamTransport
+from transports.stream import READ_CHUNK, StreamTransport, take_stream
 
 log = logging.getLogger("squall.ws")
 
@@ -313,19 +313,6 @@ def _close_frame(payload: bytes) -> tuple[int | None, str]:
 
 
 # -- the handshake ----------------------------------------------------------------------------
-
-
-def take_stream(handler: ApiHandler, status: int, reason: str,
-                headers: list[tuple[str, str]]) -> IOStream:
-    """Detach the request's stream, answer with ``status`` and ``headers`` by hand and
-    log the request: from here on the caller owns the connection."""
-    handler.set_status(status)
-    handler.application.log_request(handler)
-    stream = handler.detach()
-    handler.ui = None  # type: ignore[assignment]  # as finish() does: a cycle otherwise
-    lines = [f"HTTP/1.1 {status} {reason}", *(f"{name}: {value}" for name, value in headers)]
-    stream.write(("\r\n".join(lines) + "\r\n\r\n").encode("latin-1"))
-    return stream
 
 
 SinkFactory = Callable[[WebSocketTransport, WireFormat], Any]
