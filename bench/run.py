@@ -35,6 +35,8 @@ LOADGEN = servers.BENCH_DIR / "loadgen.py"
 # server always has publishes waiting while the load generator reads a burst.
 PUBLISHERS = 64
 Result = dict[str, Any]
+# the same server as "squall", other subscribers: its ingest is measured once, there
+ONE_PUBLISH_PATH = ("squall-sse", "squall-tcp")
 
 
 @dataclass(frozen=True)
@@ -98,6 +100,7 @@ class Driver:
     ) -> list[Result]:
         command = [sys.executable, str(LOADGEN), "--target", server.name]
         command += ["--port", str(server.port), "--publishers", str(PUBLISHERS)]
+        command += ["--tcp-port", str(server.tcp_port)] if server.tcp_port else []
         command += [arg for pid in server.pids for arg in ("--server-pid", str(pid))]
         command = servers.pinned([*command, *mode_args], self.loadgen_cpu)
         try:
@@ -187,7 +190,7 @@ def run_idle(driver: Driver, targets: Sequence[str]) -> None:
 def run_ingest(driver: Driver, targets: Sequence[str]) -> None:
     plan = driver.plan
     print("== publish ingest, one subscriber", flush=True)
-    for target in targets:
+    for target in [t for t in targets if t not in ONE_PUBLISH_PATH]:
         args = ["ingest", "--kind", "single", "batch", "ws"]
         args += ["--duration", str(plan.ingest_duration), "--warmup", str(plan.warmup)]
         args += ["--batch-size", str(plan.batch_size)]
@@ -200,7 +203,7 @@ def available_targets(requested: Sequence[str], driver: Driver) -> list[str]:
     for target in requested:
         if target == "nchan" and servers.nchan_module() is None:
             driver.skip(target, "nginx with the nchan module is not installed (see README.md)")
-        elif target == "squall" and not (servers.ROOT / "run.py").exists():
+        elif target.startswith("squall") and not (servers.ROOT / "run.py").exists():
             driver.skip(target, "run.py not found")
         elif target == "squall-redis" and servers.find_redis_server() is None:
             driver.skip(target, "no redis-server (apt-get install redis-server)")
@@ -262,7 +265,8 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--quick", action="store_true", help="smoke run: small N, short runs")
     parser.add_argument("--repeat", type=int, help="max-rate runs per cell (default 3)")
-    parser.add_argument("--targets", default="squall,baseline,nchan", help="comma-separated")
+    parser.add_argument("--targets", default="squall,squall-sse,squall-tcp,squall-base,"
+                        "baseline,nchan", help="comma-separated")
     parser.add_argument("--sizes", type=int, nargs="+", help="subscriber counts N")
     parser.add_argument("--idle-sizes", type=int, nargs="+", help="idle connection counts")
     parser.add_argument("--duration", type=float, help="measured seconds per max-rate run")
