@@ -468,7 +468,8 @@ async def fanout(bench: Bench, args: argparse.Namespace) -> None:
     )
     for run in range(1, args.repeat + 1):
         result = await max_rate(bench, publishers, args)
-        bench.emit("fanout_max", n=args.n, run=run, connect_s=round(connect_s, 2), **result)
+        bench.emit("fanout_max", n=args.n, run=run + args.run_offset,
+                   connect_s=round(connect_s, 2), **result)
     if args.latency_rate > 0:
         result = await latency(bench, publishers, args)
         bench.emit("fanout_latency", n=args.n, **result)
@@ -686,6 +687,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     fan = modes.add_parser("fanout", help="max deliveries/s, then latency at a fixed rate")
     fan.add_argument("-n", type=int, required=True, help="subscribers")
     fan.add_argument("--repeat", type=int, default=3)
+    fan.add_argument("--run-offset", type=int, default=0, help="numbers runs from offset + 1")
     fan.add_argument("--duration", type=float, default=5.0)
     fan.add_argument("--warmup", type=float, default=1.0)
     fan.add_argument(

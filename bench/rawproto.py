@@ -111,6 +111,21 @@ def _same_frames(header: bytes, length: int) -> re.Pattern[bytes]:
     return pattern
 
 
+_SAME_MESSAGES: dict[tuple[bytes, int, bytes], re.Pattern[bytes]] = {}
+
+
+def _same_messages(prefix: bytes, size: int, separator: bytes) -> re.Pattern[bytes]:
+    """A pattern for consecutive ``size``-byte messages that start with ``prefix`` and end
+    with ``separator`` (SSE events, JSON lines)."""
+    key = (prefix, size, separator)
+    pattern = _SAME_MESSAGES.get(key)
+    if pattern is None:
+        middle = size - len(prefix) - len(separator)
+        body = b"(?:" + re.escape(prefix) + b".{%d}" % middle + re.escape(separator) + b")*"
+        pattern = _SAME_MESSAGES[key] = re.compile(body, re.DOTALL)
+    return pattern
+
+
 class HttpClient(asyncio.Protocol):
     """A keep-alive HTTP/1.1 connection with one request in flight at a time.
 
@@ -352,22 +367,44 @@ class _Counting(asyncio.Protocol):
         self._buffer = b""
 
     def _count(self, buffer: bytes) -> bytes:
-        """Count complete messages in ``buffer`` (C-speed ``count``); return the tail."""
-        last = buffer.rfind(self.separator)
-        if last < 0:
-            return buffer
-        end = last + len(self.separator)
-        complete = buffer[:end]
-        self.messages += self._messages_in(complete)
+        """Count complete messages in ``buffer``; return the incomplete tail.
+
+        As for WebSocket frames, a run of messages of one size is counted by one
+        regular-expression match (a C loop), not a Python loop turn per message.
+        """
         callback = self.on_message
         if callback is not None:
+            last = buffer.rfind(self.separator)
+            if last < 0:
+                return buffer
+            end = last + len(self.separator)
+            messages = buffer[:end].split(self.separator)[:-1]
             now = time.monotonic_ns()
-            for message in complete.split(self.separator)[:-1]:
+            for message in messages:
                 callback(message, now)
-        return buffer[end:]
+            self.messages += sum(1 for message in messages if self._counts(message))
+            return buffer[end:]
+        separator, width = self.separator, len(self.separator)
+        pos, count = 0, 0
+        while True:
+            stop = buffer.find(separator, pos)
+            if stop < 0:
+                break
+            stop += width
+            if not self._counts(buffer[pos:stop]):
+                pos = stop
+                continue
+            size = stop - pos
+            run = _same_messages(buffer[pos:pos + 4], size, separator).match(buffer, stop)
+            assert run is not None  # the pattern also matches no message
+            count += 1 + (run.end() - stop) // size
+            pos = run.end()
+        self.messages += count
+        return buffer[pos:] if pos < len(buffer) else b""
 
-    def _messages_in(self, complete: bytes) -> int:
-        return complete.count(self.separator)
+    def _counts(self, message: bytes) -> bool:
+        """Whether ``message`` is one to count (not a keepalive)."""
+        return True
 
     def connection_lost(self, exc: Exception | None) -> None:
         if not self.opened.done():
@@ -418,8 +455,8 @@ class SseClient(_Counting):
             buffer = buffer[head_end + 4:]
         self._buffer = self._count(buffer)
 
-    def _messages_in(self, complete: bytes) -> int:
-        return complete.count(b"\n\n") - complete.count(b": ping\n\n")
+    def _counts(self, message: bytes) -> bool:
+        return not message.startswith(b":")  # a heartbeat comment
 
 
 class LineClient(_Counting):

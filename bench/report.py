@@ -268,7 +268,8 @@ def write_plot(path: Path, results: list[Result], sizes: Sequence[int]) -> bool:
         right.plot(xs, [latency[(server, n)]["p99_ms"] for n in xs], "o-", label=server)
     left.set(xscale="log", xlabel="subscribers (N)", ylabel="deliveries/s")
     left.set_title("max fan-out rate (higher is better)")
-    right.set(xscale="log", yscale="log", xlabel="subscribers (N)", ylabel="p99 latency, ms")
+    right.set(xscale="log", yscale="log" if latency else "linear", xlabel="subscribers (N)",
+              ylabel="p99 latency, ms")
     right.set_title("p99 latency at a fixed delivery rate (lower is better)")
     for axes in (left, right):
         axes.xaxis.set_minor_locator(NullLocator())

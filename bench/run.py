@@ -166,18 +166,26 @@ def summary(line: Result) -> str:
     return f"   {target:8} ingest {line['kind']}: {report.rate(line['events_per_s'])}"
 
 
-def run_fanout(driver: Driver, targets: Sequence[str]) -> None:
+def run_fanout(driver: Driver, targets: Sequence[str], interleave: bool = False) -> None:
+    """Max rate (best of ``repeat``) and latency per target and N. With ``interleave``
+    the targets take turns, one max-rate run each per round (latency in the last
+    round), so that a busy spell of the machine falls on all of them alike."""
     plan = driver.plan
+    rounds = plan.repeat if interleave else 1
     for n in plan.sizes:
         print(f"== fan-out, N={n}", flush=True)
-        for target in targets:
-            args = ["fanout", "-n", str(n), "--repeat", str(plan.repeat)]
-            args += ["--duration", str(plan.duration), "--warmup", str(plan.warmup)]
-            args += ["--latency-rate", str(plan.latency_rate)]
-            args += ["--latency-duration", str(plan.latency_duration)]
-            per_run = plan.warmup + plan.duration + 40
-            timeout = 60 + n / 200 + plan.repeat * per_run + plan.latency_duration + 45
-            driver.run_cell(target, args, timeout)
+        for index in range(rounds):
+            last = index == rounds - 1
+            for target in targets:
+                repeat = 1 if interleave else plan.repeat
+                args = ["fanout", "-n", str(n), "--repeat", str(repeat), "--run-offset",
+                        str(index)]
+                args += ["--duration", str(plan.duration), "--warmup", str(plan.warmup)]
+                args += ["--latency-rate", str(plan.latency_rate if last else 0)]
+                args += ["--latency-duration", str(plan.latency_duration)]
+                per_run = plan.warmup + plan.duration + 40
+                timeout = 60 + n / 200 + repeat * per_run + plan.latency_duration + 45
+                driver.run_cell(target, args, timeout)
 
 
 def run_idle(driver: Driver, targets: Sequence[str]) -> None:
@@ -274,6 +282,8 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--latency-duration", type=float, help="seconds of fixed-rate publishing")
     parser.add_argument("--skip", nargs="*", default=[], choices=("fanout", "idle", "ingest"))
     parser.add_argument("--no-pin", action="store_true", help="do not pin with taskset")
+    parser.add_argument("--interleave", action="store_true",
+                        help="fan-out: targets take turns, one max-rate run each per round")
     parser.add_argument("--out", type=Path, default=servers.BENCH_DIR / "results")
     return parser.parse_args(argv)
 
@@ -290,7 +300,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     driver = Driver(plan, args.out, pin=not args.no_pin)
     targets = available_targets([t for t in args.targets.split(",") if t], driver)
     if "fanout" not in args.skip:
-        run_fanout(driver, targets)
+        run_fanout(driver, targets, args.interleave)
     if "idle" not in args.skip:
         run_idle(driver, targets)
     if "ingest" not in args.skip:

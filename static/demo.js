@@ -6,6 +6,7 @@ const $ = (selector) => document.querySelector(selector);
 
 const ui = {
   state: $("#state"),
+  transport: $("#transport"),
   stateDetail: $("#state-detail"),
   url: $("#url"),
   token: $("#token"),
@@ -24,6 +25,7 @@ const ui = {
   pause: $("#pause"),
 };
 
+const params = new URLSearchParams(location.search);
 let client = null;
 const subscriptions = new Map();  // topic or pattern -> {subscription, count, element}
 const counters = new Map();       // topic -> {count, row}
@@ -40,8 +42,13 @@ function defaultUrl() {
 function connect() {
   if (client) client.close();
   const token = ui.token.value.trim() || null;
-  client = new Squall(ui.url.value.trim(), {token});
+  client = new Squall(ui.url.value.trim(), {token, transport: params.get("transport") || "auto"});
   client.on("state", showState);
+  client.on("transport", ({transport}) => {
+    ui.transport.hidden = false;
+    ui.transport.textContent = transport === "sse" ? "over SSE" : "over WebSocket";
+    ui.transport.dataset.transport = transport;
+  });
   client.on("recovery_failed", ({topic}) => {
     notice(`${topic}: the events missed while disconnected could not be recovered; ` +
            "an app would reload its state now.", "warn");
@@ -270,8 +277,7 @@ $("#clear").addEventListener("click", () => {
   ui.logEmpty.hidden = false;
 });
 
-// ?url=...&topic=a&topic=b preset the connection and subscriptions
-const params = new URLSearchParams(location.search);
+// ?url=...&topic=a&topic=b&transport=sse preset the connection and subscriptions
 ui.url.value = params.get("url") || defaultUrl();
 curlHint();
 connect();
