@@ -116,6 +116,7 @@ async def test_three_failed_websocket_handshakes_fall_back_to_sse(chromium, orig
     event = await http_publish(publish, "news", "via sse")
     await tab.wait("record.events.news.length === 1")
     assert seen(await tab.eval("record.events.news")) == [event]
+    assert [query["topic"] for query in stream_queries(requests)] == [["news"]]
 
 
 @pytest.mark.settings(history_size=100)
