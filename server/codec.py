@@ -9,7 +9,6 @@ from __future__ import annotations
 import base64
 import json
 import math
-import re
 import struct
 from dataclasses import dataclass
 from typing import Any
@@ -37,9 +36,11 @@ def _reject_constant(name: str) -> None:
 
 
 _json_decoder = json.JSONDecoder(parse_constant=_reject_constant)
-# a run of digits that may be an integer beyond 64 bits, which orjson makes a float
-_LONG_DIGITS = re.compile(rb"[0-9]{19}")
-_LONG_DIGITS_TEXT = re.compile(r"[0-9]{19}")
+# A run of 19 digits may be an integer beyond 64 bits, which orjson would make a float:
+# found by turning every digit into 0 and looking for 19 of them in a row.
+_DIGITS_AS_ZERO = bytes.maketrans(b"0123456789", b"0" * 10)
+_LONG_RUN = b"0" * 19
+_ORJSON_DEPTH = 254  # the deepest value orjson encodes
 _json_encoder = json.JSONEncoder(ensure_ascii=False, separators=(",", ":"), allow_nan=False)
 
 
@@ -104,10 +105,13 @@ def load_json(raw: bytes | str) -> Any:
     and lone surrogates itself); a body with a run of 19 or more digits, where orjson
     would turn a too-large integer into a float, goes through the standard parser,
     which keeps it an integer for the 64-bit check to refuse.
+
+    Note orjson's own depth limit (1024 to parse, ``_ORJSON_DEPTH`` to encode) is
+    above ``MAX_DEPTH``, so the depth is checked here.
     """
-    long = (_LONG_DIGITS_TEXT.search(raw) if isinstance(raw, str)
-            else _LONG_DIGITS.search(raw))
-    if long:
+    if isinstance(raw, str):
+        raw = raw.encode("utf-8", "surrogatepass")  # orjson refuses what this lets through
+    if _LONG_RUN in raw.translate(_DIGITS_AS_ZERO):
         return _load_json_exactly(raw)
     try:
         value = orjson.loads(raw)
@@ -117,9 +121,21 @@ def load_json(raw: bytes | str) -> Any:
         if "infinity" in exc.msg:
             raise _not_finite() from None
         raise SquallError("invalid_body", f"malformed JSON: {_first_line(exc)}") from None
-    if _containers(raw) > MAX_DEPTH:
-        check_value(value)
+    if raw.count(b"[") + raw.count(b"{") > MAX_DEPTH:  # else it cannot be deeper
+        _check_depth(value)
     return value
+
+
+def _check_depth(value: Any) -> None:
+    """``invalid_body`` if ``value`` nests deeper than ``MAX_DEPTH``, at C speed: orjson
+    refuses to encode past ``_ORJSON_DEPTH`` levels, so the value is tried inside as
+    many extra levels as leave exactly ``MAX_DEPTH`` for it."""
+    for _ in range(_ORJSON_DEPTH - MAX_DEPTH):
+        value = [value]
+    try:
+        orjson.dumps(value)
+    except TypeError:
+        raise _too_deep() from None
 
 
 def _load_json_exactly(raw: bytes | str) -> Any:
