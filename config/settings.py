@@ -71,6 +71,8 @@ class Settings:
                                     minimum=1)
     max_batch_bytes: int = _setting(1 * MiB, "largest batch publish body, in bytes", minimum=1)
     max_batch_events: int = _setting(1000, "most events in one batch publish", minimum=1)
+    max_stream_bytes: int = _setting(64 * MiB, "largest streaming batch (application/"
+                                     "x-ndjson) body, in bytes", minimum=1)
     max_frame_bytes: int = _setting(128 * KiB, "largest WebSocket message from a client "
                                     "(closed with 1009 above)", minimum=125)
     max_topic_length: int = _setting(255, "longest topic name", minimum=1)
