@@ -90,7 +90,7 @@ async def test_a_body_over_the_stream_limit(http_client, base_url):
 
 async def test_a_client_cut_off_half_way_publishes_each_complete_line_once(
         http_client, base_url, http_port, node):
-    reader, writer = await asyncio.open_connection("127.0.0.1", http_port)
+    _, writer = await asyncio.open_connection("127.0.0.1", http_port)
     whole = lines(*[{"topic": "nd.cut", "data": n, "idempotency_key": f"c{n}"}
                     for n in range(3)])
     writer.write(b"POST /v1/events HTTP/1.1\r\nHost: x\r\nContent-Type: application/x-ndjson"
@@ -100,7 +100,7 @@ async def test_a_client_cut_off_half_way_publishes_each_complete_line_once(
         response = await http_client.fetch(f"{base_url}/v1/topics/nd.cut/events")
         return json.loads(response.body)["events"]
 
-    await eventually(lambda: published(), what="the complete lines published")
+    await eventually(published, what="the complete lines published")
     await eventually(lambda: node.hub.published >= 3, what="three events")
     writer.close()  # the fourth line never ends
     await asyncio.sleep(0.3)  # a partial line would be published by now, if it were
