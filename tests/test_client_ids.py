@@ -25,7 +25,7 @@ class Hooks(BaseHTTPRequestHandler):
 
     ids: list[str]
 
-    def do_POST(self) -> None:  # noqa: N802 - http.server's name
+    def do_POST(self) -> None:
         body = self.rfile.read(int(self.headers["Content-Length"]))
         self.ids.append(json.loads(body)["client"]["id"])
         self.send_response(204)
@@ -55,22 +55,22 @@ def test_two_workers_never_give_out_the_same_client_id(redis_url, hooks, tmp_pat
                       'signals = ["client_connected"]\n')
     server = ServerProcess("--broker", redis_url, "--workers", "2", "--config", str(config),
                            "--ping-interval", "0").start()
-    clients = 0
+    clients: list[object] = []
     try:
         with contextlib.ExitStack() as opened:
             for _ in range(8):  # until clients landed on both workers
                 for _ in range(10):
-                    opened.enter_context(connect(f"ws://127.0.0.1:{server.port}/v1/ws",
-                                                 open_timeout=10, ping_interval=None))
-                    clients += 1
-                run(eventually(lambda: len(ids) == clients, what="every client reported"))
+                    clients.append(opened.enter_context(connect(
+                        f"ws://127.0.0.1:{server.port}/v1/ws", open_timeout=10,
+                        ping_interval=None)))
+                run(eventually(lambda: len(ids) == len(clients), what="every client reported"))
                 if len({client_id[:14] for client_id in ids}) == 2:
                     break
     finally:
         server.stop()
     workers = {client_id[:14] for client_id in ids}  # "c-" and a worker's 48 random bits
     assert len(workers) == 2, f"every client landed on one worker: {ids}"
-    assert len(set(ids)) == len(ids) == clients
+    assert len(set(ids)) == len(ids) == len(clients)
 
 
 def run(coroutine: object) -> object:
