@@ -195,3 +195,30 @@ async def test_a_paced_replay_keeps_reading_pongs_and_frames(raw, http_client, b
     assert numbers == list(range(1, count))
     assert [reply["type"] for reply in replies] == ["subscribed", "pong"]
     assert replies[1]["ref"] == "after"
+
+
+def test_no_private_tornado_name_is_used():
+    """The transports stand on Tornado's public API only (docs/transports.md): no import of
+    a private name, no private attribute of Tornado's objects, no pin on its version."""
+    import ast
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parent.parent
+    private = []
+    for path in [path for package in ("transports", "server", "handlers")
+                 for path in root.glob(f"{package}/*.py")]:
+        tree = ast.parse(path.read_text())
+        for node in ast.walk(tree):
+            if isinstance(node, ast.ImportFrom) and (node.module or "").startswith("tornado"):
+                private += [f"{path.name}: {alias.name}" for alias in node.names
+                            if alias.name.startswith("_")]
+            if isinstance(node, ast.Attribute) and node.attr.startswith("_") \
+                    and node.attr in _TORNADO_PRIVATE:
+                private.append(f"{path.name}:{node.lineno}: .{node.attr}")
+    assert private == []
+    assert "tornado>=6.4\"" in (root / "pyproject.toml").read_text()
+
+
+_TORNADO_PRIVATE = {"_abort", "_receive_frame_loop", "_break_cycles", "_WebSocketParams",
+                    "_read_buffer", "_write_buffer", "_close_callback", "_finished",
+                    "_execute", "_handle_write"}
