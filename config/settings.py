@@ -57,6 +57,8 @@ class Settings:
     log_format: str = _setting("text", "log format", choices=("text", "json"))
     access_log: bool = _setting(True, "log one line per HTTP request")
     shutdown_timeout: float = _setting(10.0, "seconds a graceful shutdown may take", minimum=0)
+    event_loop: str = _setting("uvloop", "the asyncio event loop: uvloop (faster) or the "
+                               "standard library's", choices=("uvloop", "asyncio"))
     # auth
     api_keys: tuple[str, ...] = _setting((), "API keys with full publish rights (comma-separated)",
                                          secret=True)
