@@ -77,6 +77,19 @@ class Settings:
     max_subscriptions: int = _setting(100, "most subscriptions per connection", minimum=1)
     max_bad_frames: int = _setting(20, "bad frames a connection may send before it is "
                                    "closed with 4000", minimum=1)
+    max_http_connections: int = _setting(20_000, "TCP connections (HTTP and WebSocket) this "
+                                         "process holds at most; ones waiting for a request "
+                                         "make room for new ones (0: no limit)", minimum=0)
+    max_http_connections_per_ip: int = _setting(2000, "TCP connections per client address; "
+                                                "its ones waiting for a request make room "
+                                                "for new ones (0: no limit)", minimum=0)
+    header_timeout: float = _setting(20.0, "seconds a client has to send a request's "
+                                     "headers; also how long an idle keep-alive "
+                                     "connection stays open", minimum=0.1)
+    body_timeout: float = _setting(60.0, "seconds a client has to send a request's body",
+                                   minimum=0.1)
+    max_header_bytes: int = _setting(64 * KiB, "largest request head (request line and "
+                                     "headers), in bytes (431 above)", minimum=1024)
     max_connections: int = _setting(20_000, "WebSocket connections this process holds at "
                                     "most; more are closed with 4029 (0: no limit)", minimum=0)
     max_connections_per_ip: int = _setting(1000, "WebSocket connections per client address; "
@@ -107,6 +120,9 @@ class Settings:
     history_max_topics: int = _setting(10_000, "topics retained at most; least recently "
                                        "published go first", minimum=1)
     history_max_bytes: int = _setting(64 * MiB, "bytes of history retained at most",
+                                      minimum=1)
+    max_replay_events: int = _setting(10_000, "events one history read returns at most; a "
+                                      "resume that missed more gets recovered: false",
                                       minimum=1)
     broker_timeout: float = _setting(3.0, "seconds a publish may wait for the broker "
                                      "(503 after)", minimum=0.01)

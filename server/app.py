@@ -8,9 +8,9 @@ from collections.abc import Callable
 from typing import Any
 
 from prometheus_client import Counter
-from tornado.web import Application, RequestHandler, StaticFileHandler
+from tornado.web import Application, RequestHandler
 
-from handlers.base import NotFoundHandler
+from handlers.base import NotFoundHandler, StaticHandler
 from handlers.info import HealthHandler, MetricsHandler, ReadyHandler, TopicsHandler
 from handlers.openapi import OpenApiHandler
 from handlers.publish import BatchHandler, TopicEventsHandler
@@ -57,8 +57,8 @@ def make_app(node: Node, **tornado_settings: Any) -> Application:
         (r"/readyz", ReadyHandler, deps),
         (r"/metrics", MetricsHandler, deps),
         (r"/v1/openapi.json", OpenApiHandler, deps),
-        (r"/()", StaticFileHandler, {"path": STATIC_DIR, "default_filename": "index.html"}),
-        (r"/static/(.*)", StaticFileHandler, {"path": STATIC_DIR}),
+        (r"/()", StaticHandler, {"path": STATIC_DIR, "default_filename": "index.html"}),
+        (r"/static/(.*)", StaticHandler, {"path": STATIC_DIR}),
     ]
     return Application(
         routes,
