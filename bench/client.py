@@ -34,9 +34,8 @@ from typing import Protocol
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from squall_client import Publisher, Subscriber
-
 from bench.servers import HOST, start_squall
+from squall_client import Publisher, Subscriber
 
 
 class Contender(Protocol):

@@ -8,14 +8,16 @@ reconnects with backoff (1001, 4008, 4009, 4029, 1006, 1011, ...).
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import enum
 from collections.abc import Mapping
 from urllib.parse import urlsplit, urlunsplit
 
 import websockets
 from websockets.asyncio.client import ClientConnection, connect
-from websockets.exceptions import InvalidStatus
-from websockets.typing import Subprotocol
+from websockets.exceptions import ConnectionClosed, InvalidStatus
+from websockets.typing import Origin, Subprotocol
 
 from squall_client.errors import Disconnected
 
@@ -93,14 +95,15 @@ def refused_handshake(error: Exception) -> Disconnected | None:
 
 
 async def open_socket(url: str, *, subprotocol: Subprotocol, token: str | None,
-                      headers: Mapping[str, str], open_timeout: float, ping_interval: float,
-                      ping_timeout: float, max_message_bytes: int,
+                      origin: str | None, headers: Mapping[str, str], open_timeout: float,
+                      ping_interval: float, ping_timeout: float, max_message_bytes: int,
                       user_agent: str) -> ClientConnection:
     """An open WebSocket that speaks ``subprotocol``; raises what ``connect`` raises."""
     sent = dict(headers)
     if token:
         sent["Authorization"] = f"Bearer {token}"
     socket = await connect(url, subprotocols=[subprotocol], additional_headers=sent,
+                           origin=Origin(origin) if origin else None,
                            compression=None, open_timeout=open_timeout,
                            ping_interval=ping_interval or None,
                            ping_timeout=ping_timeout or None, close_timeout=5,
@@ -111,3 +114,20 @@ async def open_socket(url: str, *, subprotocol: Subprotocol, token: str | None,
         raise Disconnected("unsupported_subprotocol", f"the server does not speak "
                            f"{subprotocol} (it chose {socket.subprotocol!r})", None)
     return socket
+
+
+async def close_discarding(socket: ClientConnection, reason: str, timeout: float = 10.0) -> None:
+    """Close with 1000, discarding what still arrives: the close frame comes after it,
+    and the library stops reading while its queue of unread messages is full. A peer
+    that does not answer within ``timeout`` is cut off."""
+    closing = asyncio.ensure_future(socket.close(1000, reason))
+
+    async def discard() -> None:
+        with contextlib.suppress(ConnectionClosed):
+            while True:
+                await socket.recv()
+
+    try:
+        await asyncio.wait_for(asyncio.gather(closing, discard()), timeout)
+    except (TimeoutError, OSError):
+        socket.transport.abort()

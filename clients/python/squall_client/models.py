@@ -37,8 +37,8 @@ class Gap:
       longer covers the outage, or it was lost, e.g. a restart of a memory server);
     - ``no_position``: the server is too old to tell where a subscription that had
       delivered nothing stood, so a reconnect may have missed events;
-    - ``replay_too_large``: the events to replay did not fit in the subscriber's
-      buffer (``buffer_size``); they were skipped.
+    - ``replay_too_large``: the events to replay did not fit in what the subscriber
+      holds during a resume (``replay_size``); they were skipped.
     """
 
     topic: str

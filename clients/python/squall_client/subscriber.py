@@ -79,20 +79,24 @@ class Subscriber:
     ``SubscriptionError`` at its place in the stream; iterating again goes on with
     the others.
 
-    Bounds: ``buffer_size`` events buffered for the consumer, and as many held while
-    a replay is under way.
+    Bounds: ``buffer_size`` events buffered for the consumer; ``replay_size`` events
+    held while a resume is under way (make it at least the server's
+    ``max_replay_events``, 10,000 by default: a larger replay is skipped, after a
+    ``Gap``). ``origin`` and ``headers`` go with the handshake.
     """
 
     def __init__(self, url: str, *, token: str | None = None,
                  token_provider: TokenProvider | None = None, msgpack: bool = False,
-                 buffer_size: int = 10_000, backoff: Backoff = RECONNECT_BACKOFF,
-                 ping_interval: float = 20.0, ping_timeout: float = 20.0,
-                 open_timeout: float = 10.0, max_message_bytes: int = 1024 * 1024,
+                 buffer_size: int = 10_000, replay_size: int = 20_000,
+                 backoff: Backoff = RECONNECT_BACKOFF, ping_interval: float = 20.0,
+                 ping_timeout: float = 20.0, open_timeout: float = 10.0,
+                 max_message_bytes: int = 1024 * 1024, origin: str | None = None,
                  headers: Mapping[str, str] | None = None) -> None:
-        if buffer_size < 1:
-            raise ValueError("buffer_size must be at least 1")
+        if buffer_size < 1 or replay_size < 1:
+            raise ValueError("buffer_size and replay_size must be at least 1")
         self.url = _connection.socket_url(url)
         self.buffer_size = buffer_size
+        self.replay_size = replay_size
         self.backoff = backoff
         self.overflows = 0  # times the consumer fell buffer_size behind
         self._token = token
@@ -101,7 +105,7 @@ class Subscriber:
         self._socket_options: dict[str, Any] = {
             "open_timeout": open_timeout, "ping_interval": ping_interval,
             "ping_timeout": ping_timeout, "max_message_bytes": max_message_bytes,
-            "headers": dict(headers or {}), "user_agent": USER_AGENT}
+            "origin": origin, "headers": dict(headers or {}), "user_agent": USER_AGENT}
         self._registry = Registry()
         self._buffer: deque[Item | _Raise] = deque()
         self._held: list[Event] = []
@@ -139,11 +143,7 @@ class Subscriber:
         if self._closed:
             return
         self._closed = True
-        socket = self._socket
-        if socket is not None:
-            with contextlib.suppress(Exception):
-                await asyncio.wait_for(socket.close(1000, "client closed"), 5)
-        if self._task is not None:
+        if self._task is not None:  # the reader closes its socket on its way out
             self._task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await self._task
@@ -330,8 +330,7 @@ class Subscriber:
             writer.cancel()
             self._disconnected()
             if socket.state is not State.CLOSED:  # the consumer fell behind, or a failure
-                with contextlib.suppress(Exception):
-                    await asyncio.wait_for(socket.close(1000, "client closing"), 5)
+                await _connection.close_discarding(socket, "client closing")
         if loop.time() - opened >= STABLE_AFTER:
             self._confirmed_here = True
         return code, reason
@@ -420,7 +419,7 @@ class Subscriber:
             replaying = next(iter(in_flight.values()))
             if not replaying.skipping:
                 self._held.append(event)
-                if len(self._held) >= self.buffer_size:
+                if len(self._held) > self.replay_size:
                     self._replay_too_large(replaying)
                 return
             if matches(replaying.name, topic):
@@ -559,8 +558,8 @@ class Subscriber:
     def _replay_too_large(self, subscription: Subscription) -> None:
         """The replay of ``subscription`` fills the hold: tell the application with a
         ``Gap``, let through what other subscriptions need, skip the rest of it."""
-        log.warning("the replay of %s is larger than buffer_size (%d); skipping it",
-                    subscription.name, self.buffer_size)
+        log.warning("the replay of %s is larger than replay_size (%d); skipping it",
+                    subscription.name, self.replay_size)
         self._push(Gap(subscription.name, REPLAY_TOO_LARGE))
         subscription.skipping = True
         held, self._held = self._held, []
