@@ -200,8 +200,8 @@ async def raw_websocket(port: int, since: str, count: int) -> float:
 
 async def subscriber(port: int, since: str, count: int, msgpack: bool = False) -> float:
     started = time.perf_counter()
-    async with Subscriber(f"ws://{HOST}:{port}", msgpack=msgpack,
-                          buffer_size=count + 10) as sub:
+    async with Subscriber(f"ws://{HOST}:{port}", msgpack=msgpack, buffer_size=count + 10,
+                          replay_size=count + 10) as sub:
         await sub.subscribe(REPLAY_TOPIC, since=since)
         received = 0
         async for _item in sub:
@@ -267,7 +267,8 @@ def main(argv: list[str] | None = None) -> int:
     if not options.no_pin and hasattr(os, "sched_setaffinity"):
         os.sched_setaffinity(0, {1})
     history = ["--history-size", str(options.events + 10), "--history-ttl", "0",
-               "--history-max-bytes", str(2 * 1024**3), "--access-log", "false"]
+               "--history-max-bytes", str(2 * 1024**3), "--max-replay-events",
+               str(options.events + 10), "--access-log", "false"]
     with tempfile.TemporaryDirectory() as logs:
         server = start_squall(server_cpu, Path(logs), history)
         try:

@@ -9,18 +9,26 @@ from __future__ import annotations
 import asyncio
 import os
 import sys
+import threading
 from collections.abc import Iterator
 from typing import Any
+from wsgiref.simple_server import WSGIRequestHandler, make_server
 
 import pytest
 
 from squall_client import AsyncPublisher, Event, Subscriber, SubscriptionError
+from tests.browser_support import Chromium, require_browser
 from tests.client.support import data_of, history, run, take, ws_url
+from tests.redis_server import free_port
 from tests.server_process import ROOT, ServerProcess
 
 API_KEY = "django-test-api-key"
 SECRET = "django-test-jwt-secret-0123456789abcdef"
 EXAMPLE = ROOT / "examples" / "django"
+
+
+# where the example is served for the browser; the module's Squall allows that origin
+SHOP_PORT = free_port()
 
 
 @pytest.fixture(scope="module")
@@ -41,7 +49,8 @@ def shop(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServerProcess]:
     previous = {name: os.environ.get(name) for name in environment}
     os.environ.update(environment)  # read once, by django.setup(); put back afterwards
     sys.path.insert(0, str(EXAMPLE))
-    with ServerProcess("--api-keys", API_KEY, "--jwt-secret", SECRET) as server:
+    with ServerProcess("--api-keys", API_KEY, "--jwt-secret", SECRET, "--allowed-origins",
+                       f"http://127.0.0.1:{SHOP_PORT}") as server:
         django.setup()
         setup_test_environment()  # the test client's host, an in-memory mail outbox
         call_command("migrate", verbosity=0)
@@ -194,3 +203,58 @@ def test_posting_the_form_publishes_after_the_request_transaction(shop: ServerPr
 
     run(scenario())
 
+
+
+class _QuietHandler(WSGIRequestHandler):
+    def log_message(self, format: str, *args: Any) -> None:
+        pass
+
+
+@pytest.fixture
+def served_shop(shop: ServerProcess) -> Iterator[str]:
+    """The example served over HTTP (wsgiref, in a thread), as a browser needs it."""
+    from django.core.wsgi import get_wsgi_application
+
+    httpd = make_server("127.0.0.1", SHOP_PORT, get_wsgi_application(),
+                        handler_class=_QuietHandler)
+    thread = threading.Thread(target=httpd.serve_forever, daemon=True)
+    thread.start()
+    yield f"http://127.0.0.1:{SHOP_PORT}"
+    httpd.shutdown()
+    httpd.server_close()
+    thread.join(5)
+
+
+@pytest.mark.browser
+def test_the_example_page_shows_a_saved_order_live_in_chromium(served_shop: str) -> None:
+    """The whole example: a signed-in page loads squall.js from Squall, gets its token
+    from the token view, subscribes; an order saved in Django appears on it."""
+    from django.test import Client
+    from orders.models import Order
+
+    executable = require_browser()
+    user = make_user("browser-user")
+    signed_in = Client()
+    signed_in.force_login(user)
+    session = signed_in.cookies["sessionid"].value
+
+    async def scenario() -> None:
+        chromium = Chromium(executable)
+        try:
+            tab = await chromium.tab()
+            await tab.page.context.add_cookies([{"name": "sessionid", "value": session,
+                                                 "url": served_shop}])
+            await tab.page.goto(served_shop + "/")
+            await tab.wait("document.getElementById('state').textContent === 'open'")
+            await tab.until(lambda: any(log.sent_of_type("subscribe") for log in tab.sockets))
+            [socket] = tab.sockets
+            await tab.until(lambda: socket.received_of_type("subscribed"))
+            await asyncio.to_thread(Order.objects.create, owner=user, item="live tea",
+                                    quantity=4)
+            await tab.wait("document.querySelector('#orders').textContent"
+                           ".includes('4 x live tea (new)')")
+            assert chromium.page_errors == []
+        finally:
+            await chromium.close()
+
+    run(scenario())

@@ -322,6 +322,42 @@ def test_a_consumer_behind_more_than_the_history_is_told_with_a_gap() -> None:
         run(scenario())
 
 
+def test_overlapping_subscriptions_resume_without_duplicates(squall: ServerProcess) -> None:
+    """Three subscriptions that share events resume after the consumer fell behind
+    (near the end, so the room left takes more than one replay): their replays
+    overlap, and the iterator still yields every event once, in order."""
+
+    async def scenario() -> None:
+        async with Subscriber(ws_url(squall), buffer_size=250, backoff=FAST) as subscriber, \
+                AsyncPublisher(squall.url) as publisher:
+            await subscriber.subscribe("ov.*")
+            await subscriber.subscribe("ov.a")
+            await subscriber.subscribe("ov.>")
+            sent = [(f"ov.{'ab'[n % 3 == 0]}", n) for n in range(300)]
+            await publisher.publish_many(sent)
+            await eventually(lambda: subscriber.overflows >= 1, what="an overflow")
+            items = await take(subscriber, 300)
+            assert data_of(items) == list(range(300))
+            await publisher.publish("ov.a", "end")
+            assert data_of(await take(subscriber, 1)) == ["end"]
+
+    run(scenario())
+
+
+def test_a_replay_larger_than_replay_size_is_skipped_after_a_gap(squall: ServerProcess) -> None:
+    async def scenario() -> None:
+        async with AsyncPublisher(squall.url) as publisher:
+            sent = await publisher.publish_many([("big.replay", n) for n in range(100)])
+            async with Subscriber(ws_url(squall), replay_size=20) as subscriber:
+                await subscriber.subscribe("big.replay", since=sent[0].id)
+                assert subscriber.position("big.replay") == sent[-1].id
+                await publisher.publish("big.replay", "after")
+                assert data_of(await take(subscriber, 2)) == [
+                    ("gap", "big.replay", "replay_too_large"), "after"]
+
+    run(scenario())
+
+
 def test_close_ends_the_iteration_and_pending_subscribes(squall: ServerProcess) -> None:
     async def scenario() -> None:
         subscriber = Subscriber(ws_url(squall))

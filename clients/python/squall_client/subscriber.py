@@ -527,10 +527,9 @@ class Subscriber:
 
     def _deliver(self, held: list[Event]) -> None:
         matching = self._registry.matching
-        if len(self._registry) == 1:  # one replay, no copies: the common case, made quick
-            subscriptions = tuple(self._registry.by_name.values())  # all held events match it
+        if len(self._registry) == 1:  # one subscription, one replay: no copies to drop
             for event in held:
-                if not self._accept(event, subscriptions):
+                if not self._accept(event, matching(event.topic)):
                     return
             return
         # a copy replayed later (another subscription's replay) stands where it is in order
