@@ -11,7 +11,9 @@
   ingest new events, so the client is what is measured. Target: >= 50,000 events/s.
 
 The server runs pinned to core 0 and this process to core 1 (unless ``--no-pin``).
-Rounds alternate the contenders; the table shows medians and the ratio of medians.
+Publishers take turns of 100 requests; the target is checked on the median of the
+per-turn ratios (each turn against the reference's turn beside it), which a busy
+neighbour on the machine disturbs least. Subscribers take turns by round.
 
     .venv/bin/python bench/client.py                 # about a minute
     .venv/bin/python bench/client.py --rounds 3 --requests 1000 --events 50000
@@ -29,6 +31,7 @@ import sys
 import tempfile
 import time
 from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Protocol
 
@@ -152,11 +155,13 @@ class PublisherBatches(PublisherPosts):
 
 
 def interleaved(contenders: dict[str, Contender], chunks: int,
-                chunk: int) -> dict[str, float]:
-    """Events/s of each contender, taking turns ``chunk`` events at a time (the order
-    rotating), so that all of them see the same machine: it is shared and its speed
-    drifts within seconds."""
-    spent = dict.fromkeys(contenders, 0.0)
+                chunk: int) -> dict[str, list[float]]:
+    """Seconds each contender took for each of ``chunks`` turns of ``chunk`` events.
+
+    They take turns (the order rotating), so that all of them see the same machine:
+    it is shared, and its speed drifts within seconds.
+    """
+    spent: dict[str, list[float]] = {name: [] for name in contenders}
     names = list(contenders)
     for contender in contenders.values():
         contender(chunk)  # warm up: connect, fill caches
@@ -164,8 +169,8 @@ def interleaved(contenders: dict[str, Contender], chunks: int,
         for name in names[index % len(names):] + names[:index % len(names)]:
             started = time.perf_counter()
             contenders[name](chunk)
-            spent[name] += time.perf_counter() - started
-    return {name: chunks * chunk / seconds for name, seconds in spent.items()}
+            spent[name].append(time.perf_counter() - started)
+    return spent
 
 
 # -- subscribing -------------------------------------------------------------------------
@@ -214,19 +219,30 @@ async def subscriber(port: int, since: str, count: int, msgpack: bool = False) -
 
 # -- the run -----------------------------------------------------------------------------
 
-def publishing(port: int, makers: dict[str, Callable[[int], Contender]], rounds: int,
-               chunks: int, chunk: int) -> dict[str, list[float]]:
-    """Events/s per round of each contender, all of them interleaved in each round."""
-    results: dict[str, list[float]] = {name: [] for name in makers}
+@dataclass
+class Publishing:
+    """Events/s of each contender per round, and, per turn, its speed relative to the
+    reference's turn beside it (the median of those is the least disturbed ratio)."""
+
+    rates: dict[str, list[float]]
+    turn_ratios: dict[str, list[float]]
+
+
+def publishing(port: int, makers: dict[str, Callable[[int], Contender]], reference: str,
+               rounds: int, chunks: int, chunk: int) -> Publishing:
+    result = Publishing({name: [] for name in makers}, {name: [] for name in makers})
     for _ in range(rounds):
         contenders = {name: make(port) for name, make in makers.items()}
         try:
-            for name, rate in interleaved(contenders, chunks, chunk).items():
-                results[name].append(rate)
+            spent = interleaved(contenders, chunks, chunk)
         finally:
             for contender in contenders.values():
                 contender.close()
-    return results
+        for name, seconds in spent.items():
+            result.rates[name].append(chunks * chunk / sum(seconds))
+            result.turn_ratios[name] += [ref / mine for mine, ref in
+                                         zip(seconds, spent[reference], strict=True)]
+    return result
 
 
 def receiving(scenarios: dict[str, Callable[[], Awaitable[float]]],
@@ -240,17 +256,25 @@ def receiving(scenarios: dict[str, Callable[[], Awaitable[float]]],
     return results
 
 
-def table(title: str, results: dict[str, list[float]], reference: str) -> list[str]:
-    """Medians, every round, and each contender's ratio to ``reference`` per round."""
-    lines = [f"### {title}", "", f"| client | events/s (median) | per round | vs {reference}, "
-             "per round (median) |", "|---|---|---|---|"]
+def table(title: str, results: dict[str, list[float]], reference: str,
+          turn_ratios: dict[str, list[float]] | None = None) -> list[str]:
+    """Medians, every round, each contender's ratio to ``reference`` per round and,
+    for interleaved runs, the median of its per-turn ratios."""
+    header = f"| client | events/s (median) | per round | vs {reference}, per round |"
+    rule = "|---|---|---|---|"
+    if turn_ratios is not None:
+        header, rule = header + " vs it, turn by turn (median) |", rule + "---|"
+    lines = [f"### {title}", "", header, rule]
     base = results[reference]
     for name, values in results.items():
         ratios = [value / ref for value, ref in zip(values, base, strict=True)]
-        shown = ", ".join(f"{value:,.0f}" for value in values)
-        shown_ratios = ", ".join(f"{ratio:.2f}" for ratio in ratios)
-        lines.append(f"| {name} | {statistics.median(values):,.0f} | {shown} | "
-                     f"{shown_ratios} (**{statistics.median(ratios):.2f}x**) |")
+        row = (f"| {name} | {statistics.median(values):,.0f} | "
+               f"{', '.join(f'{value:,.0f}' for value in values)} | "
+               f"{', '.join(f'{ratio:.2f}' for ratio in ratios)} "
+               f"(median {statistics.median(ratios):.2f}x) |")
+        if turn_ratios is not None:
+            row += f" **{statistics.median(turn_ratios[name]):.2f}x** |"
+        lines.append(row)
     return [*lines, ""]
 
 
@@ -291,10 +315,10 @@ def measure(port: int, options: argparse.Namespace) -> list[str]:
         single[name] = make
     chunk = 100
     chunks = max(1, options.requests // chunk)
-    singles = publishing(port, single, options.rounds, chunks, chunk)
+    singles = publishing(port, single, "raw http.client", options.rounds, chunks, chunk)
     batches = publishing(port, {"raw http.client": RawBatches,
                                 "Publisher.publish_many": PublisherBatches},
-                         options.rounds, chunks, 10 * BATCH)
+                         "raw http.client", options.rounds, chunks, 10 * BATCH)
     events = options.events
     since = fill_history(port, events)
     received = receiving({
@@ -302,9 +326,7 @@ def measure(port: int, options: argparse.Namespace) -> list[str]:
         "squall_client.Subscriber": lambda: subscriber(port, since, events),
         "Subscriber, msgpack": lambda: subscriber(port, since, events, msgpack=True),
     }, options.rounds)
-    ratios = [mine / raw for mine, raw in zip(singles["squall_client.Publisher"],
-                                              singles["raw http.client"], strict=True)]
-    publisher_ratio = statistics.median(ratios)
+    publisher_ratio = statistics.median(singles.turn_ratios["squall_client.Publisher"])
     rate = statistics.median(received["squall_client.Subscriber"])
     verdict = [
         f"Publisher / raw http.client: {publisher_ratio:.2f}x (target {PUBLISHER_TARGET:.2f}x): "
@@ -313,9 +335,11 @@ def measure(port: int, options: argparse.Namespace) -> list[str]:
         + ("met" if rate >= SUBSCRIBER_TARGET else "MISSED"),
     ]
     return [*table(f"Single publishes ({chunks * chunk} per contender per round, one in "
-                   "flight, contenders interleaved 100 at a time)", singles, "raw http.client"),
+                   f"flight, taking turns {chunk} at a time)", singles.rates,
+                   "raw http.client", singles.turn_ratios),
             *table(f"Batches of {BATCH} events ({chunks * 10} per contender per round, "
-                   "interleaved)", batches, "raw http.client"),
+                   "taking turns 10 at a time)", batches.rates, "raw http.client",
+                   batches.turn_ratios),
             *table(f"Receiving a replay of {events:,} events on one connection", received,
                    "raw websockets + json.loads"),
             *verdict]

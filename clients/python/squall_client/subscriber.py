@@ -428,30 +428,41 @@ class Subscriber:
 
     def _accept(self, event: Event, matching: tuple[Subscription, ...]) -> bool:
         """Buffer ``event`` for the live subscriptions it matches, once; False when the
-        buffer is full (the connection is then given up, see ``_overflow``)."""
+        buffer is full (the connection is then given up, see ``_overflow``). The path
+        of every event: kept short."""
         if self._overflowed:
             return False  # nothing more until the reconnect, or positions would skip
+        seen = self._seen
+        if seen and (event.topic, event.id) in seen:
+            self._advance(matching, event.id)  # a copy: delivered already
+            return True
+        buffer = self._buffer
+        if len(buffer) >= self.buffer_size:
+            if any(subscription.live for subscription in matching):
+                self._overflow()
+                return False
+            return True
         wanted = unsettled = False
         for subscription in matching:
             if subscription.live:
                 wanted = True
+                subscription.position = event.id
             else:
                 unsettled = True
-        if not wanted:
-            return True
-        key = (event.topic, event.id)
-        if key not in self._seen:
-            if len(self._buffer) >= self.buffer_size:
-                self._overflow()
-                return False
-            self._buffer.append(event)
+        if wanted:
+            buffer.append(event)
             if unsettled:  # its replay may bring this event again
-                self._remember(key)
-            self._wake()
+                self._remember((event.topic, event.id))
+            waiter = self._waiter
+            if waiter is not None and not waiter.done():
+                waiter.set_result(None)
+        return True
+
+    @staticmethod
+    def _advance(matching: tuple[Subscription, ...], event_id: str) -> None:
         for subscription in matching:
             if subscription.live:
-                subscription.position = event.id
-        return True
+                subscription.position = event_id
 
     def _remember(self, key: tuple[str, str]) -> None:
         seen = self._seen
