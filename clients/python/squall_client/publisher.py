@@ -2,8 +2,8 @@
 
 ``http.client`` rather than a higher-level library because the publisher's own cost
 per request is most of what a client adds to a round trip: measured here, httpx's
-sync client reached about 0.6x and urllib3 about 0.75x the events/s of raw keep-alive
-``http.client`` POSTs, this publisher about 0.95x (bench/client.py,
+sync client reached about 0.6x and urllib3 about 0.8x the events/s of raw keep-alive
+``http.client`` POSTs, this publisher 0.96x to 1.01x (bench/client.py,
 docs/performance.md).
 """
 
