@@ -11,6 +11,7 @@ import asyncio
 import contextlib
 import json
 import logging
+import socket
 import urllib.request
 from collections.abc import Coroutine, Iterator
 from typing import Any, TypeVar
@@ -29,6 +30,13 @@ TAKE_TIMEOUT = 15.0
 def run(scenario: Coroutine[Any, Any, T], timeout: float = SCENARIO_TIMEOUT) -> T:
     """Run an async scenario on a loop of its own, failing it after ``timeout``."""
     return run_async(asyncio.wait_for(scenario, timeout))
+
+
+def free_port() -> int:
+    """An unused TCP port on 127.0.0.1."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
 
 
 def ws_url(server: ServerProcess) -> str:

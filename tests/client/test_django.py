@@ -18,8 +18,7 @@ import pytest
 
 from squall_client import AsyncPublisher, Event, Subscriber, SubscriptionError
 from tests.browser_support import Chromium, require_browser
-from tests.client.support import data_of, history, run, take, ws_url
-from tests.redis_server import free_port
+from tests.client.support import data_of, free_port, history, run, take, ws_url
 from tests.server_process import ROOT, ServerProcess
 
 API_KEY = "django-test-api-key"

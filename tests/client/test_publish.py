@@ -18,8 +18,9 @@ from squall_client import (
     Subscriber,
 )
 from tests.client.support import FAST, FaultyProxy, data_of, history, run, take, ws_url
-from tests.redis_server import redis_server, redis_url  # noqa: F401
 from tests.server_process import ServerProcess
+
+pytest_plugins = ["tests.redis_server"]
 
 API_KEY = "test-publisher-key"
 SLOW = Backoff(5.0, 5.0)  # a retry would take seconds: a quick answer was not retried
@@ -133,7 +134,7 @@ def test_a_server_that_stays_away_ends_in_unavailable_at_the_deadline() -> None:
 
 @pytest.mark.redis
 def test_retry_across_a_server_restart_reuses_the_key_and_delivers_once(
-        redis_url: str) -> None:  # noqa: F811
+        redis_url: str) -> None:
     """The first answer is lost after the server published; while the publisher
     retries, the server restarts; the retry carries the same key, so Redis answers
     with the first id and subscribers get the event once."""

@@ -3,20 +3,24 @@
 from __future__ import annotations
 
 import asyncio
+from typing import TYPE_CHECKING
 
 import pytest
 
 from squall_client import AsyncPublisher, Subscriber
 from tests.client.support import FAST, client_log, data_of, history, run, take, ws_url
-from tests.redis_server import RedisServer, redis_server, redis_url  # noqa: F401
 from tests.server_process import ServerProcess
 from tests.waiting import eventually
 
+if TYPE_CHECKING:
+    from tests.redis_server import RedisServer
+
+pytest_plugins = ["tests.redis_server"]
 pytestmark = pytest.mark.redis
 
 
 def test_resume_across_a_server_restart_on_redis_has_no_gap_and_no_duplicate(
-        redis_url: str) -> None:  # noqa: F811
+        redis_url: str) -> None:
     """While node A is down, node B (same Redis) publishes: to a topic the subscriber
     had events of, to one it never had any of (it resumes from ``last_id``), and to
     one two overlapping subscriptions share. A comes back; the subscriber gets each
@@ -57,8 +61,8 @@ def test_resume_across_a_server_restart_on_redis_has_no_gap_and_no_duplicate(
         node_b.stop()
 
 
-def test_subscribe_waits_out_a_broker_outage(redis_server: RedisServer,  # noqa: F811
-                                              redis_url: str) -> None:  # noqa: F811
+def test_subscribe_waits_out_a_broker_outage(redis_server: RedisServer,
+                                              redis_url: str) -> None:
     """Redis is down: the server answers the subscribe with broker_unavailable; the
     subscriber asks again with backoff until Redis is back, then it works."""
     node = ServerProcess("--broker", redis_url, "--broker-timeout", "0.5").start()

@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import itertools
 import json
+import signal
 from collections.abc import Iterator
 
 import pytest
@@ -139,6 +140,35 @@ def test_gap_after_a_memory_server_restart_then_the_new_events() -> None:
             async with AsyncPublisher(server.url) as publisher:
                 await publisher.publish("news", 6)
             assert data_of(await take(subscriber, 1)) == [6]
+
+    try:
+        run(scenario())
+    finally:
+        server.stop()
+
+
+def test_pings_find_a_server_that_stopped_answering() -> None:
+    """The server process is frozen (SIGSTOP: its sockets stay open, nothing answers):
+    no pong comes, the subscriber gives the connection up and, once the server runs
+    again, resumes where it was."""
+    server = ServerProcess().start()
+    assert server.process is not None
+
+    async def scenario() -> None:
+        async with Subscriber(ws_url(server), ping_interval=0.2, ping_timeout=0.3,
+                              close_timeout=0.3, open_timeout=1.0,
+                              backoff=FAST) as subscriber, \
+                AsyncPublisher(server.url) as publisher:
+            await subscriber.subscribe("alive")
+            await publisher.publish("alive", 1)
+            assert data_of(await take(subscriber, 1)) == [1]
+            server.process.send_signal(signal.SIGSTOP)
+            try:
+                await eventually(lambda: subscriber.reconnects >= 1, what="a reconnect")
+            finally:
+                server.process.send_signal(signal.SIGCONT)
+            await publisher.publish("alive", 2)
+            assert data_of(await take(subscriber, 1)) == [2]
 
     try:
         run(scenario())

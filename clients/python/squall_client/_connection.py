@@ -96,8 +96,8 @@ def refused_handshake(error: Exception) -> Disconnected | None:
 
 async def open_socket(url: str, *, subprotocol: Subprotocol, token: str | None,
                       origin: str | None, headers: Mapping[str, str], open_timeout: float,
-                      ping_interval: float, ping_timeout: float, max_message_bytes: int,
-                      user_agent: str) -> ClientConnection:
+                      close_timeout: float, ping_interval: float, ping_timeout: float,
+                      max_message_bytes: int, user_agent: str) -> ClientConnection:
     """An open WebSocket that speaks ``subprotocol``; raises what ``connect`` raises."""
     sent = dict(headers)
     if token:
@@ -106,7 +106,7 @@ async def open_socket(url: str, *, subprotocol: Subprotocol, token: str | None,
                            origin=Origin(origin) if origin else None,
                            compression=None, open_timeout=open_timeout,
                            ping_interval=ping_interval or None,
-                           ping_timeout=ping_timeout or None, close_timeout=5,
+                           ping_timeout=ping_timeout or None, close_timeout=close_timeout,
                            max_size=max_message_bytes, user_agent_header=user_agent)
     chosen = socket.subprotocol or JSON_PROTOCOL  # JSON is the default without one
     if chosen != subprotocol:
@@ -116,7 +116,7 @@ async def open_socket(url: str, *, subprotocol: Subprotocol, token: str | None,
     return socket
 
 
-async def close_discarding(socket: ClientConnection, reason: str, timeout: float = 10.0) -> None:
+async def close_discarding(socket: ClientConnection, reason: str, timeout: float = 5.0) -> None:
     """Close with 1000, discarding what still arrives: the close frame comes after it,
     and the library stops reading while its queue of unread messages is full. A peer
     that does not answer within ``timeout`` is cut off."""

@@ -83,6 +83,9 @@ class Subscriber:
     held while a resume is under way (make it at least the server's
     ``max_replay_events``, 10,000 by default: a larger replay is skipped, after a
     ``Gap``). ``origin`` and ``headers`` go with the handshake.
+
+    A server that stops answering is given up ``ping_interval + ping_timeout +
+    close_timeout`` seconds after its last pong at most.
     """
 
     def __init__(self, url: str, *, token: str | None = None,
@@ -90,7 +93,8 @@ class Subscriber:
                  buffer_size: int = 10_000, replay_size: int = 20_000,
                  backoff: Backoff = RECONNECT_BACKOFF, ping_interval: float = 20.0,
                  ping_timeout: float = 20.0, open_timeout: float = 10.0,
-                 max_message_bytes: int = 1024 * 1024, origin: str | None = None,
+                 close_timeout: float = 2.0, max_message_bytes: int = 1024 * 1024,
+                 origin: str | None = None,
                  headers: Mapping[str, str] | None = None) -> None:
         if buffer_size < 1 or replay_size < 1:
             raise ValueError("buffer_size and replay_size must be at least 1")
@@ -99,11 +103,13 @@ class Subscriber:
         self.replay_size = replay_size
         self.backoff = backoff
         self.overflows = 0  # times the consumer fell buffer_size behind
+        self.reconnects = 0  # times a connection ended and another was begun
         self._token = token
         self._token_provider = token_provider
         self._codec = _Codec(msgpack)
         self._socket_options: dict[str, Any] = {
-            "open_timeout": open_timeout, "ping_interval": ping_interval,
+            "open_timeout": open_timeout, "close_timeout": close_timeout,
+            "ping_interval": ping_interval,
             "ping_timeout": ping_timeout, "max_message_bytes": max_message_bytes,
             "origin": origin, "headers": dict(headers or {}), "user_agent": USER_AGENT}
         self._registry = Registry()
@@ -270,6 +276,7 @@ class Subscriber:
                     attempt = 0
                 delay = self.backoff.delay(attempt)
                 attempt += 1
+                self.reconnects += 1
                 log.info("squall connection closed (%s %s); reconnecting in %.2fs", code,
                          reason, delay)
                 await asyncio.sleep(delay)

@@ -1,7 +1,7 @@
 """Settings of the example shop: Django, sqlite, and Squall (``SQUALL``).
 
-The defaults match the Squall started as the README says
-(``--api-keys dev-api-key --jwt-secret ...``); never use them in production.
+The defaults match the Squall started as the README says (on port 8889, with
+``--api-keys dev-api-key --jwt-secret ...``); never use them in production.
 """
 
 import os
@@ -62,7 +62,7 @@ LOGIN_REDIRECT_URL = "orders"
 USE_TZ = True
 
 SQUALL = {
-    "URL": os.environ.get("SHOP_SQUALL_URL", "http://127.0.0.1:8888"),
+    "URL": os.environ.get("SHOP_SQUALL_URL", "http://127.0.0.1:8889"),
     "API_KEY": os.environ.get("SHOP_SQUALL_API_KEY", "dev-api-key"),
     "JWT_SECRET": os.environ.get("SHOP_SQUALL_JWT_SECRET",
                                  "dev-jwt-secret-change-me-0123456789"),
