@@ -1,4 +1,5 @@
-"""The subscriber's WebSocket: where it goes, how it opens, what a close means.
+"""The subscriber's WebSocket: where it goes, how it opens, what a close means, and
+the subprotocol's wire form of frames.
 
 Close codes follow protocol.md: after 1000, 4003 and 4010 the client stops; after
 1009 and 4000 (and the protocol errors 1002, 1003, 1007, 1008) it stops with an
@@ -11,7 +12,9 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import enum
-from collections.abc import Mapping
+import json
+from collections.abc import Callable, Mapping
+from typing import Any
 from urllib.parse import urlsplit, urlunsplit
 
 import websockets
@@ -131,3 +134,32 @@ async def close_discarding(socket: ClientConnection, reason: str, timeout: float
         await asyncio.wait_for(asyncio.gather(closing, discard()), timeout)
     except (TimeoutError, OSError):
         socket.transport.abort()
+
+
+class Codec:
+    """Frames to and from the subprotocol's wire form."""
+
+    def __init__(self, use_msgpack: bool) -> None:
+        self.protocol = MSGPACK_PROTOCOL if use_msgpack else JSON_PROTOCOL
+        self.decode: Callable[[str | bytes], Any]
+        self.encode: Callable[[dict[str, Any]], str | bytes]
+        if not use_msgpack:
+            self.decode = json.loads
+            self.encode = json.dumps
+            return
+        try:
+            import msgpack
+        except ImportError:
+            raise ImportError("msgpack=True needs the msgpack package: "
+                              "pip install 'squall-client[msgpack]'") from None
+
+        def decode(message: str | bytes) -> Any:
+            if isinstance(message, str):
+                raise ValueError("a text frame on the msgpack subprotocol")
+            try:
+                return msgpack.unpackb(message)
+            except (msgpack.UnpackException, ValueError) as exc:
+                raise ValueError(str(exc)) from None
+
+        self.decode = decode
+        self.encode = msgpack.packb

@@ -21,9 +21,7 @@ import asyncio
 import contextlib
 import inspect
 import itertools
-import json
 import logging
-from collections import deque
 from collections.abc import Awaitable, Callable, Mapping
 from types import TracebackType
 from typing import Any
@@ -33,7 +31,8 @@ from websockets.exceptions import ConnectionClosed, WebSocketException
 from websockets.protocol import State
 
 from squall_client import _connection
-from squall_client._connection import After
+from squall_client._connection import After, Codec
+from squall_client._delivery import Delivery, Item, Raise
 from squall_client._registry import Registry, Subscription
 from squall_client.backoff import RECONNECT_BACKOFF, Backoff
 from squall_client.errors import SquallError, SubscriptionError
@@ -43,22 +42,12 @@ from squall_client.topics import matches
 log = logging.getLogger("squall_client")
 
 TokenProvider = Callable[[], "str | Awaitable[str | None] | None"]
-Item = Event | Gap
 
 # error codes a subscribe may get that pass with time: sent again after a backoff
 TRANSIENT_ERRORS = frozenset({"broker_unavailable", "rate_limited", "internal_error"})
 # a connection that stayed open this long starts the backoff afresh
 STABLE_AFTER = 5.0
 USER_AGENT = "squall-client/0.1"
-
-
-class _Raise:
-    """An exception the iterator raises when it reaches this point of the stream."""
-
-    __slots__ = ("error",)
-
-    def __init__(self, error: SquallError) -> None:
-        self.error = error
 
 
 class Subscriber:
@@ -96,31 +85,20 @@ class Subscriber:
                  close_timeout: float = 2.0, max_message_bytes: int = 1024 * 1024,
                  origin: str | None = None,
                  headers: Mapping[str, str] | None = None) -> None:
-        if buffer_size < 1 or replay_size < 1:
-            raise ValueError("buffer_size and replay_size must be at least 1")
         self.url = _connection.socket_url(url)
-        self.buffer_size = buffer_size
-        self.replay_size = replay_size
         self.backoff = backoff
-        self.overflows = 0  # times the consumer fell buffer_size behind
         self.reconnects = 0  # times a connection ended and another was begun
         self._token = token
         self._token_provider = token_provider
-        self._codec = _Codec(msgpack)
+        self._codec = Codec(msgpack)
         self._socket_options: dict[str, Any] = {
             "open_timeout": open_timeout, "close_timeout": close_timeout,
             "ping_interval": ping_interval,
             "ping_timeout": ping_timeout, "max_message_bytes": max_message_bytes,
             "origin": origin, "headers": dict(headers or {}), "user_agent": USER_AGENT}
         self._registry = Registry()
-        self._buffer: deque[Item | _Raise] = deque()
-        self._held: list[Event] = []
-        self._seen: dict[tuple[str, str], None] = {}
-        self._waiter: asyncio.Future[None] | None = None
-        self._room = asyncio.Event()
-        self._overflowed = False
+        self._delivery = Delivery(buffer_size, replay_size)
         self._refs = itertools.count(1)
-        self._socket: ClientConnection | None = None
         self._outbox: asyncio.Queue[dict[str, Any]] | None = None
         self._confirmed_here = False
         self._task: asyncio.Task[None] | None = None
@@ -153,9 +131,9 @@ class Subscriber:
             self._task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await self._task
-        self._buffer.clear()
+        self._delivery.clear()
         self._settle_unconfirmed(SquallError("closed", "the subscriber is closed"))
-        self._wake()
+        self._delivery.wake()
 
     # -- subscriptions ------------------------------------------------------------
 
@@ -215,7 +193,20 @@ class Subscriber:
         if on_server and self._outbox is not None:
             self._outbox.put_nowait({"type": "unsubscribe", "topic": subscription.name})
         if not self._registry.in_flight:
-            self._release()
+            self._delivery.release(self._registry)
+
+    @property
+    def buffer_size(self) -> int:
+        return self._delivery.buffer_size
+
+    @property
+    def replay_size(self) -> int:
+        return self._delivery.replay_size
+
+    @property
+    def overflows(self) -> int:
+        """Times the consumer fell ``buffer_size`` events behind."""
+        return self._delivery.overflows
 
     # -- iteration ----------------------------------------------------------------
 
@@ -223,30 +214,17 @@ class Subscriber:
         return self
 
     async def __anext__(self) -> Item:
-        buffer = self._buffer
+        delivery = self._delivery
         while True:
-            if buffer:
-                item = buffer.popleft()
-                if self._overflowed and len(buffer) <= self.buffer_size // 2:
-                    self._room.set()
-                if isinstance(item, _Raise):
-                    raise item.error
+            item = delivery.pop()
+            if item is not None:
                 return item
             if self._closed:
                 raise StopAsyncIteration
             if self._failure is not None:
                 raise self._failure
             self.start()
-            waiter = self._waiter = asyncio.get_running_loop().create_future()
-            try:
-                await waiter
-            finally:
-                self._waiter = None
-
-    def _wake(self) -> None:
-        waiter = self._waiter
-        if waiter is not None and not waiter.done():
-            waiter.set_result(None)
+            await delivery.wait()
 
     # -- the connection -----------------------------------------------------------
 
@@ -255,31 +233,18 @@ class Subscriber:
         attempt = 0
         try:
             while True:
-                if self._overflowed:
-                    await self._room.wait()
-                    self._overflowed = False
+                if self._delivery.overflowed:  # resume once the consumer caught up
+                    await self._delivery.room.wait()
+                    self._delivery.resumed()
                     attempt = 0
-                token = await self._current_token()
-                code, reason = await self._connect_and_serve(token)
+                code, reason = await self._connect_and_serve(await self._current_token())
                 if self._closed:
                     return
-                if self._overflowed:
+                if self._delivery.overflowed:
                     continue
-                if code == _connection.CLOSE_UNAUTHORIZED and self._token_provider is None:
-                    raise _connection.stopped(code, reason)
-                action = _connection.after_close(code)
-                if action is After.STOP:
-                    raise _connection.stopped(code, reason)
-                if action is After.NEW_TOKEN:
-                    self._token = None
-                if self._confirmed_here:
-                    attempt = 0
-                delay = self.backoff.delay(attempt)
+                attempt = 0 if self._confirmed_here else attempt
+                await self._pause_after(code, reason, attempt)
                 attempt += 1
-                self.reconnects += 1
-                log.info("squall connection closed (%s %s); reconnecting in %.2fs", code,
-                         reason, delay)
-                await asyncio.sleep(delay)
         except SquallError as exc:
             self._stop(exc)
         except asyncio.CancelledError:
@@ -287,6 +252,21 @@ class Subscriber:
         except Exception as exc:  # a bug here must reach the application, not vanish
             log.exception("the squall subscriber failed")
             self._stop(SquallError("internal_error", f"the subscriber failed: {exc!r}"))
+
+    async def _pause_after(self, code: int | None, reason: str, attempt: int) -> None:
+        """Wait out the backoff before connecting again; ``Disconnected`` after a close
+        that ends it all (protocol.md, close codes)."""
+        action = _connection.after_close(code)
+        if action is After.STOP or (action is After.NEW_TOKEN
+                                    and self._token_provider is None):
+            raise _connection.stopped(code, reason)
+        if action is After.NEW_TOKEN:
+            self._token = None  # the provider is asked before the next connection
+        delay = self.backoff.delay(attempt)
+        self.reconnects += 1
+        log.info("squall connection closed (%s %s); reconnecting in %.2fs", code, reason,
+                 delay)
+        await asyncio.sleep(delay)
 
     async def _current_token(self) -> str | None:
         """The token to connect with, from the provider when there is none; retries a
@@ -326,14 +306,14 @@ class Subscriber:
         opened = loop.time()
         outbox: asyncio.Queue[dict[str, Any]] = asyncio.Queue()
         writer = loop.create_task(self._write(socket, outbox))
-        self._socket, self._outbox = socket, outbox
+        self._outbox = outbox  # set while connected: subscribes go out at once
         self._confirmed_here = False
         for subscription in self._registry:
             self._send_subscribe(subscription)
         try:
             code, reason = await self._read(socket)
         finally:
-            self._socket = self._outbox = None
+            self._outbox = None
             writer.cancel()
             self._disconnected()
             if socket.state is not State.CLOSED:  # the consumer fell behind, or a failure
@@ -345,6 +325,7 @@ class Subscriber:
     async def _read(self, socket: ClientConnection) -> tuple[int | None, str]:
         decode = self._codec.decode
         on_frame = self._on_frame
+        delivery = self._delivery
         try:
             while True:
                 message = await socket.recv()
@@ -358,7 +339,7 @@ class Subscriber:
                         on_frame(frame)
                     except (KeyError, TypeError, ValueError):
                         log.warning("squall sent a malformed frame: %r", frame)
-                if self._overflowed:
+                if delivery.overflowed:
                     return None, "the consumer fell behind"
         except ConnectionClosed as closed:
             if closed.rcvd is None:
@@ -389,15 +370,14 @@ class Subscriber:
                 subscription.position = subscription.skipped_to
                 subscription.skipped_to = None
         self._registry.disconnected()
-        self._held.clear()
-        self._seen.clear()
+        self._delivery.disconnected()
 
     def _stop(self, error: SquallError) -> None:
         """Stop for good: the iteration raises ``error`` once the buffer is empty."""
         log.warning("squall subscriber stopped: %s", error)
         self._failure = error
         self._settle_unconfirmed(error)
-        self._wake()
+        self._delivery.wake()
 
     def _settle_unconfirmed(self, error: SquallError) -> None:
         for subscription in self._registry:
@@ -425,57 +405,12 @@ class Subscriber:
         if in_flight:
             replaying = next(iter(in_flight.values()))
             if not replaying.skipping:
-                self._held.append(event)
-                if len(self._held) > self.replay_size:
+                if not self._delivery.hold(event):
                     self._replay_too_large(replaying)
                 return
             if matches(replaying.name, topic):
                 replaying.skipped_to = event.id
-        self._accept(event, matching)
-
-    def _accept(self, event: Event, matching: tuple[Subscription, ...]) -> bool:
-        """Buffer ``event`` for the live subscriptions it matches, once; False when the
-        buffer is full (the connection is then given up, see ``_overflow``). The path
-        of every event: kept short."""
-        if self._overflowed:
-            return False  # nothing more until the reconnect, or positions would skip
-        seen = self._seen
-        if seen and (event.topic, event.id) in seen:
-            self._advance(matching, event.id)  # a copy: delivered already
-            return True
-        buffer = self._buffer
-        if len(buffer) >= self.buffer_size:
-            if any(subscription.live for subscription in matching):
-                self._overflow()
-                return False
-            return True
-        wanted = unsettled = False
-        for subscription in matching:
-            if subscription.live:
-                wanted = True
-                subscription.position = event.id
-            else:
-                unsettled = True
-        if wanted:
-            buffer.append(event)
-            if unsettled:  # its replay may bring this event again
-                self._remember((event.topic, event.id))
-            waiter = self._waiter
-            if waiter is not None and not waiter.done():
-                waiter.set_result(None)
-        return True
-
-    @staticmethod
-    def _advance(matching: tuple[Subscription, ...], event_id: str) -> None:
-        for subscription in matching:
-            if subscription.live:
-                subscription.position = event_id
-
-    def _remember(self, key: tuple[str, str]) -> None:
-        seen = self._seen
-        seen[key] = None
-        if len(seen) > 2 * self.buffer_size:
-            del seen[next(iter(seen))]
+        self._delivery.accept(event, matching)
 
     def _on_subscribed(self, frame: dict[str, Any]) -> None:
         subscription = self._registry.answered(frame.get("ref"))
@@ -487,10 +422,10 @@ class Subscriber:
             subscription.skipping, subscription.skipped_to = False, None
         else:
             if frame.get("recovered") is False:
-                self._push(Gap(subscription.name, NOT_RECOVERED))
+                self._delivery.push(Gap(subscription.name, NOT_RECOVERED))
             elif subscription.no_position:
-                self._push(Gap(subscription.name, NO_POSITION))
-            if isinstance(last_id, str) and not self._holds_for(subscription):
+                self._delivery.push(Gap(subscription.name, NO_POSITION))
+            if isinstance(last_id, str) and not self._delivery.holds_for(subscription.name):
                 subscription.position = last_id  # held events of its own advance it
         subscription.no_position = False
         subscription.attempt = 0
@@ -500,10 +435,7 @@ class Subscriber:
             subscription.started = True
             subscription.confirmed.set_result(None)
         if not self._registry.in_flight:
-            self._release()
-
-    def _holds_for(self, subscription: Subscription) -> bool:
-        return any(matches(subscription.name, event.topic) for event in self._held)
+            self._delivery.release(self._registry)
 
     def _on_error(self, frame: dict[str, Any]) -> None:
         subscription = self._registry.answered(frame.get("ref"))
@@ -521,11 +453,11 @@ class Subscriber:
             self._registry.remove(subscription)
             refused = SubscriptionError(code, message, subscription.name)
             if subscription.started:
-                self._push(_Raise(refused))
+                self._delivery.push(Raise(refused))
             else:
                 subscription.confirmed.set_exception(refused)
         if not self._registry.in_flight:
-            self._release()
+            self._delivery.release(self._registry)
 
     def _resubscribe(self, subscription: Subscription) -> None:
         subscription.retry = None
@@ -533,83 +465,11 @@ class Subscriber:
                 is subscription and not subscription.live and subscription.ref is None):
             self._send_subscribe(subscription)
 
-    # -- holding, releasing, overflowing ------------------------------------------------
-
-    def _release(self) -> None:
-        """No subscribe is unanswered: let the held events through, each once."""
-        held, self._held = self._held, []
-        if held:
-            self._deliver(held)
-        if not self._registry.unsettled:
-            self._seen.clear()
-
-    def _deliver(self, held: list[Event]) -> None:
-        matching = self._registry.matching
-        if len(self._registry) == 1:  # one subscription, one replay: no copies to drop
-            for event in held:
-                if not self._accept(event, matching(event.topic)):
-                    return
-            return
-        # a copy replayed later (another subscription's replay) stands where it is in order
-        last = {(event.topic, event.id): index for index, event in enumerate(held)}
-        for index, event in enumerate(held):
-            if last[event.topic, event.id] == index and not self._accept(event,
-                                                                         matching(event.topic)):
-                return
-
-    def _push(self, item: Item | _Raise) -> None:
-        """Queue a gap or an error: these are never dropped, whatever the bound."""
-        self._buffer.append(item)
-        self._wake()
-
-    def _overflow(self) -> None:
-        """The consumer is ``buffer_size`` events behind: give up this connection (the
-        reader stops at once) and resume from the buffered positions once it caught up."""
-        if not self._overflowed:
-            self.overflows += 1
-            log.warning("the squall consumer fell %d events behind; pausing and resuming "
-                        "from the server's history", self.buffer_size)
-        self._overflowed = True
-        self._room.clear()
-
     def _replay_too_large(self, subscription: Subscription) -> None:
-        """The replay of ``subscription`` fills the hold: tell the application with a
-        ``Gap``, let through what other subscriptions need, skip the rest of it."""
+        """The replay of ``subscription`` overflows the hold: tell the application with
+        a ``Gap``, let through what other subscriptions need, skip the rest of it."""
         log.warning("the replay of %s is larger than replay_size (%d); skipping it",
-                    subscription.name, self.replay_size)
-        self._push(Gap(subscription.name, REPLAY_TOO_LARGE))
+                    subscription.name, self._delivery.replay_size)
+        self._delivery.push(Gap(subscription.name, REPLAY_TOO_LARGE))
         subscription.skipping = True
-        held, self._held = self._held, []
-        for event in held:
-            if matches(subscription.name, event.topic):
-                subscription.skipped_to = event.id
-        self._deliver(held)
-
-
-class _Codec:
-    """Frames to and from the subprotocol's wire form."""
-
-    def __init__(self, use_msgpack: bool) -> None:
-        self.protocol = _connection.MSGPACK_PROTOCOL if use_msgpack else _connection.JSON_PROTOCOL
-        self.decode: Callable[[str | bytes], Any]
-        self.encode: Callable[[dict[str, Any]], str | bytes]
-        if not use_msgpack:
-            self.decode = json.loads
-            self.encode = json.dumps
-            return
-        try:
-            import msgpack
-        except ImportError:
-            raise ImportError("msgpack=True needs the msgpack package: "
-                              "pip install 'squall-client[msgpack]'") from None
-
-        def decode(message: str | bytes) -> Any:
-            if isinstance(message, str):
-                raise ValueError("a text frame on the msgpack subprotocol")
-            try:
-                return msgpack.unpackb(message)
-            except (msgpack.UnpackException, ValueError) as exc:
-                raise ValueError(str(exc)) from None
-
-        self.decode = decode
-        self.encode = msgpack.packb
+        subscription.skipped_to = self._delivery.skip(subscription.name, self._registry)
