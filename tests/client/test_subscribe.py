@@ -179,8 +179,9 @@ def test_pings_find_a_server_that_stopped_answering() -> None:
 @pytest.mark.parametrize("kind", ["sync", "async"])
 def test_4001_gets_a_new_token_from_the_provider_and_resumes(secured: ServerProcess,
                                                             kind: str) -> None:
-    """Tokens that expire after a second: the server closes with 4001 at expiry; the
-    provider gives a new one and the subscription resumes with nothing lost."""
+    """Tokens that expire within a second: the server closes with 4001 at expiry (or
+    refuses one already expired); the provider gives a new one and the subscription
+    resumes with nothing lost."""
     calls = itertools.count(1)
     issued: list[int] = []
 
@@ -198,7 +199,7 @@ def test_4001_gets_a_new_token_from_the_provider_and_resumes(secured: ServerProc
                               backoff=FAST) as subscriber, \
                 AsyncPublisher(secured.url, api_key=API_KEY) as publisher:
             await subscriber.subscribe("rotating.a")
-            assert issued == [1]  # asked for the first connection: no token was given
+            assert issued  # asked for the first connection: no token was given
             await publisher.publish("rotating.a", 1)
             assert data_of(await take(subscriber, 1)) == [1]
             await eventually(lambda: len(issued) >= 2, what="a second token")
@@ -212,7 +213,8 @@ def test_4001_gets_a_new_token_from_the_provider_and_resumes(secured: ServerProc
 
 def test_4001_without_a_provider_ends_the_iteration(secured: ServerProcess) -> None:
     async def scenario() -> None:
-        token = mint_token(SECRET, sub="alice", subscribe=["expiring"], ttl=1)
+        # expires 1 to 2 s from now (exp is in whole seconds): after the subscribe
+        token = mint_token(SECRET, sub="alice", subscribe=["expiring"], ttl=2)
         async with Subscriber(ws_url(secured), token=token, backoff=FAST) as subscriber:
             await subscriber.subscribe("expiring")
             with pytest.raises(Disconnected) as ended:
