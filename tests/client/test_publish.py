@@ -174,3 +174,35 @@ def test_retry_across_a_server_restart_reuses_the_key_and_delivers_once(
     finally:
         server.stop()
 
+
+
+def test_async_publisher_retries_a_lost_answer_with_the_same_key(squall: ServerProcess) -> None:
+    async def scenario() -> None:
+        proxy = FaultyProxy(squall.port)
+        port = await proxy.start()
+        try:
+            async with AsyncPublisher(f"http://127.0.0.1:{port}", api_key=API_KEY,
+                                      backoff=FAST) as publisher:
+                proxy.drop_next_answer = True
+                publishing = asyncio.ensure_future(publisher.publish("async.lost", "once"))
+                await asyncio.wait_for(proxy.dropped.wait(), 10)
+                proxy.blocked = False
+                published = await asyncio.wait_for(publishing, 20)
+            assert published.topic == "async.lost"
+            assert history(squall, "async.lost") == ["once"]  # published by the first try
+        finally:
+            await proxy.close()
+
+    run(scenario())
+
+
+def test_a_kept_alive_connection_the_server_closed_is_replaced_at_once() -> None:
+    """The pooled connection died with the server it led to; the next publish goes out
+    on a new one without waiting for a backoff (a retry would wait 2.5 s or more)."""
+    with ServerProcess() as server, Publisher(server.url, backoff=SLOW) as publisher:
+        publisher.publish("stale.a", 1)
+        server.restart()
+        started = time.monotonic()
+        publisher.publish("stale.a", 2)
+        assert time.monotonic() - started < 2.0
+        assert history(server, "stale.a") == [2]  # a new memory server: only the second
