@@ -71,15 +71,18 @@ class Settings:
                                     minimum=1)
     max_batch_bytes: int = _setting(1 * MiB, "largest batch publish body, in bytes", minimum=1)
     max_batch_events: int = _setting(1000, "most events in one batch publish", minimum=1)
+    max_stream_bytes: int = _setting(64 * MiB, "largest streaming batch (application/"
+                                     "x-ndjson) body, in bytes", minimum=1)
     max_frame_bytes: int = _setting(128 * KiB, "largest WebSocket message from a client "
                                     "(closed with 1009 above)", minimum=125)
     max_topic_length: int = _setting(255, "longest topic name", minimum=1)
     max_subscriptions: int = _setting(100, "most subscriptions per connection", minimum=1)
     max_bad_frames: int = _setting(20, "bad frames a connection may send before it is "
                                    "closed with 4000", minimum=1)
-    max_http_connections: int = _setting(20_000, "TCP connections (HTTP and WebSocket) this "
+    max_http_connections: int = _setting(0, "TCP connections (HTTP and WebSocket) this "
                                          "process holds at most; ones waiting for a request "
-                                         "make room for new ones (0: no limit)", minimum=0)
+                                         "make room for new ones (0: as many as the "
+                                         "open-file limit allows, less 256)", minimum=0)
     max_http_connections_per_ip: int = _setting(2000, "TCP connections per client address; "
                                                 "its ones waiting for a request make room "
                                                 "for new ones (0: no limit)", minimum=0)
