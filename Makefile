@@ -14,8 +14,8 @@ $(VENV)/.installed-run: pyproject.toml | $(BIN)/python
 	$(BIN)/pip install --quiet -e .
 	touch $@
 
-$(VENV)/.installed-test: pyproject.toml | $(BIN)/python
-	$(BIN)/pip install --quiet -e '.[test]'
+$(VENV)/.installed-test: pyproject.toml clients/python/pyproject.toml | $(BIN)/python
+	$(BIN)/pip install --quiet -e '.[test]' -e './clients/python[msgpack,django]'
 	touch $@
 
 run: $(VENV)/.installed-run  ## serve on 127.0.0.1:8888 with the memory broker
@@ -32,8 +32,8 @@ typecheck: $(VENV)/.installed-test
 pytest: $(VENV)/.installed-test
 	$(BIN)/pytest $(ARGS)
 
-$(VENV)/.installed-bench: pyproject.toml | $(BIN)/python
-	$(BIN)/pip install --quiet -e '.[bench]'
+$(VENV)/.installed-bench: pyproject.toml clients/python/pyproject.toml | $(BIN)/python
+	$(BIN)/pip install --quiet -e '.[bench]' -e ./clients/python
 	touch $@
 
 bench: $(VENV)/.installed-bench  ## fan-out benchmark vs a Tornado baseline and nchan

@@ -80,10 +80,11 @@ def pinned(command: Sequence[str], cpu: int | None) -> list[str]:
     return ["taskset", "-c", str(cpu), *command] if cpu is not None else list(command)
 
 
-def start_squall(cpu: int | None, log_dir: Path) -> Server:
-    """Squall from this repository, memory broker, warning-level logs."""
+def start_squall(cpu: int | None, log_dir: Path, flags: Sequence[str] = ()) -> Server:
+    """Squall from this repository, memory broker, warning-level logs, plus ``flags``."""
     port = free_port()
-    command = [sys.executable, "run.py", "--host", HOST, "--port", str(port), *UNLIMITED]
+    command = [sys.executable, "run.py", "--host", HOST, "--port", str(port), *UNLIMITED,
+               *flags]
     return _start_python("squall", [*command, "--log-level", "warning"], port, cpu, log_dir)
 
 
