@@ -8,12 +8,13 @@ from collections.abc import Callable
 from typing import Any
 
 from prometheus_client import Counter
-from tornado.web import Application, RequestHandler, StaticFileHandler
+from tornado.web import Application, RequestHandler
 
 from handlers.base import NotFoundHandler
 from handlers.info import HealthHandler, MetricsHandler, ReadyHandler, TopicsHandler
 from handlers.openapi import OpenApiHandler
 from handlers.publish import BatchHandler, TopicEventsHandler
+from handlers.static import StaticHandler
 from handlers.ws import SocketHandler
 from server.auth import redacted_uri
 from server.node import Node
@@ -57,8 +58,8 @@ def make_app(node: Node, **tornado_settings: Any) -> Application:
         (r"/readyz", ReadyHandler, deps),
         (r"/metrics", MetricsHandler, deps),
         (r"/v1/openapi.json", OpenApiHandler, deps),
-        (r"/()", StaticFileHandler, {"path": STATIC_DIR, "default_filename": "index.html"}),
-        (r"/static/(.*)", StaticFileHandler, {"path": STATIC_DIR}),
+        (r"/()", StaticHandler, {"path": STATIC_DIR, "default_filename": "index.html"}),
+        (r"/static/(.*)", StaticHandler, {"path": STATIC_DIR}),
     ]
     return Application(
         routes,

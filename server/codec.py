@@ -73,6 +73,9 @@ def load_json(raw: bytes | str) -> Any:
     try:
         text = raw.decode("utf-8") if isinstance(raw, bytes | bytearray) else raw
         value = _json_decoder.decode(text)
+    except json.JSONDecodeError as exc:
+        raise SquallError("invalid_body", f"malformed JSON: {exc.msg} at line {exc.lineno} "
+                          f"column {exc.colno}") from None
     except (ValueError, RecursionError) as exc:
         raise SquallError("invalid_body", f"malformed JSON: {_first_line(exc)}") from None
     try:
