@@ -138,6 +138,9 @@ class Settings:
                                        "published go first", group="history", minimum=1)
     history_max_bytes: int = _setting(64 * MiB, "bytes of history retained at most",
                                       group="history", minimum=1)
+    max_replay_events: int = _setting(10_000, "events one history read returns at most; a "
+                                      "resume that missed more gets recovered: false",
+                                      group="history", minimum=1)
     broker_timeout: float = _setting(3.0, "seconds a publish may wait for the broker "
                                      "(503 after)", group="history", minimum=0.01)
     dedupe_window: float = _setting(300.0, "seconds an Idempotency-Key is remembered",

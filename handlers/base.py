@@ -17,7 +17,7 @@ import logging
 from typing import Any
 
 from tornado.log import app_log
-from tornado.web import HTTPError, RequestHandler
+from tornado.web import HTTPError, RequestHandler, StaticFileHandler
 
 from server.auth import Auth, Grant, request_summary
 from server.codec import accept_codec
@@ -36,7 +36,62 @@ _CODE_FOR_STATUS = {
 }
 
 
-class ApiHandler(RequestHandler):
+class JsonErrors(RequestHandler):
+    """Every error this handler answers is the protocol's JSON error shape, and only
+    unexpected exceptions are logged with a traceback (with credentials masked)."""
+
+    def reply(self, status: int, value: Any) -> None:
+        """Finish with ``value`` encoded as the client accepts (JSON by default)."""
+        codec = accept_codec(self.request.headers.get("Accept"))
+        self.set_status(status)
+        self.set_header("Content-Type", "application/msgpack" if codec.binary
+                        else "application/json")
+        self.finish(codec.dumps(value))
+
+    def write_error(self, status_code: int, **kwargs: Any) -> None:
+        exc_info = kwargs.get("exc_info")
+        status, code, message = _describe(exc_info, status_code)
+        self.clear_header("Content-Type")
+        if status == 405:
+            message = self._not_allowed()
+        if status == 401:
+            self.set_header("WWW-Authenticate", 'Bearer realm="squall"')
+        retry_after = getattr(exc_info[1] if exc_info else None, "retry_after", None)
+        if retry_after:
+            self.set_header("Retry-After", str(retry_after))
+        self.reply(status, {"error": {"code": code, "message": message}})
+
+    def _not_allowed(self) -> str:
+        """The 405 message, with the ``Allow`` header RFC 9110 asks for."""
+        methods = ", ".join(self._methods())
+        self.set_header("Allow", methods)
+        method = (self.request.method or "")[:20]
+        allowed = " and ".join(methods.rsplit(", ", 1))
+        return f"{method} is not allowed on {self.request.path[:200]}; this path takes {allowed}"
+
+    def _methods(self) -> list[str]:
+        """The methods this handler implements, as ``Allow`` lists them."""
+        return [name.upper() for name in ("get", "head", "post", "put", "patch", "delete",
+                                          "options")
+                if getattr(type(self), name) is not getattr(RequestHandler, name)]
+
+    def log_exception(self, typ: Any, value: Any, tb: Any) -> None:
+        if isinstance(value, SquallError):
+            return
+        if isinstance(value, HTTPError):
+            if value.status_code >= 500:
+                log.warning("%d %s: %s", value.status_code, self._request_summary(),
+                            value.log_message or value.reason or "")
+            return
+        app_log.error("Uncaught exception %s", self._request_summary(),
+                      exc_info=(typ, value, tb))
+
+    def _request_summary(self) -> str:
+        # how Tornado names the request in its log lines: with credentials masked
+        return request_summary(self.request)
+
+
+class ApiHandler(JsonErrors):
     """Base of the HTTP API handlers; the node comes in through ``initialize``."""
 
     node: Node
@@ -73,57 +128,10 @@ class ApiHandler(RequestHandler):
         self.set_status(204)
         self.finish()
 
-    def _methods(self) -> list[str]:
-        own = [name.upper() for name in ("get", "post", "put", "patch", "delete")
-               if getattr(type(self), name) is not getattr(RequestHandler, name)]
-        return [*own, "OPTIONS"]
-
     def grant(self) -> Grant:
         """What the request's credential allows; raises ``unauthorized`` for a bad one."""
         assert self.auth is not None
         return self.auth.http_grant(self.request.headers.get("Authorization"))
-
-    def reply(self, status: int, value: Any) -> None:
-        """Finish with ``value`` encoded as the client accepts (JSON by default)."""
-        codec = accept_codec(self.request.headers.get("Accept"))
-        self.set_status(status)
-        self.set_header("Content-Type", "application/msgpack" if codec.binary
-                        else "application/json")
-        self.finish(codec.dumps(value))
-
-    def write_error(self, status_code: int, **kwargs: Any) -> None:
-        exc_info = kwargs.get("exc_info")
-        status, code, message = _describe(exc_info, status_code)
-        self.clear_header("Content-Type")
-        if status == 405:
-            message = self._not_allowed()
-        if status == 401:
-            self.set_header("WWW-Authenticate", 'Bearer realm="squall"')
-        retry_after = getattr(exc_info[1] if exc_info else None, "retry_after", None)
-        if retry_after:
-            self.set_header("Retry-After", str(retry_after))
-        self.reply(status, {"error": {"code": code, "message": message}})
-
-    def _not_allowed(self) -> str:
-        """The 405 message, with the ``Allow`` header RFC 9110 asks for."""
-        methods = ", ".join(self._methods())
-        self.set_header("Allow", methods)
-        method = (self.request.method or "")[:20]
-        allowed = " and ".join(methods.rsplit(", ", 1))
-        return f"{method} is not allowed on {self.request.path[:200]}; this path takes {allowed}"
-
-    def log_exception(self, typ: Any, value: Any, tb: Any) -> None:
-        if isinstance(value, SquallError):
-            return
-        if isinstance(value, HTTPError):
-            super().log_exception(typ, value, tb)
-            return
-        app_log.error("Uncaught exception %s", self._request_summary(),
-                      exc_info=(typ, value, tb))
-
-    def _request_summary(self) -> str:
-        # how Tornado names the request in its log lines: with ?token= masked
-        return request_summary(self.request)
 
 
 class NotFoundHandler(ApiHandler):
@@ -131,6 +139,16 @@ class NotFoundHandler(ApiHandler):
 
     def prepare(self) -> None:
         raise SquallError("not_found", f"no such path: {self.request.path[:200]}")
+
+
+class StaticHandler(JsonErrors, StaticFileHandler):
+    """The browser client and the demo page; errors are JSON like the API's, and a
+    path that cannot name a file (a NUL byte, say) is a 404, never a 500."""
+
+    async def get(self, path: str, include_body: bool = True) -> None:
+        if "\x00" in path or not path.isprintable():
+            raise SquallError("not_found", "no such file")
+        await super().get(path, include_body)
 
 
 def _describe(exc_info: Any, status: int) -> tuple[int, str, str]:

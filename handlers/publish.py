@@ -25,7 +25,6 @@ from server.commands import MAX_KEY_LENGTH
 from server.errors import SquallError
 from server.topics import InvalidTopic, validate_pattern, validate_topic
 
-MAX_HISTORY_LIMIT = 10_000
 _HEADROOM = 64 * 1024  # bytes read past a limit before the connection is cut
 
 
@@ -50,7 +49,7 @@ class BodyHandler(ApiHandler):
                                            or f"ip:{self.request.remote_ip}")
         limit = self.body_limit()
         length = self.request.headers.get("Content-Length", "")
-        if length.isdigit() and int(length) > limit:
+        if _is_number(length) and int(length) > limit:
             raise _too_large(limit)
         if self.request.connection is not None:
             self.request.connection.set_max_body_size(limit + _HEADROOM)  # type: ignore[attr-defined]
@@ -106,7 +105,8 @@ class TopicEventsHandler(BodyHandler):
             raise SquallError("invalid_topic", str(exc)) from None
         _authorize(self.rights, self.rights.check_subscribe, name)
         since = self.get_query_argument("since", None)
-        limit = _limit(self.get_query_argument("limit", None))
+        most = self.node.settings.max_replay_events
+        limit = _limit(self.get_query_argument("limit", None), most) or most
         replay = await self.node.broker.history(name, since, limit)
         self.reply(200, {"topic": name, "events": [event.as_dict() for event in replay.events],
                          "recovered": replay.recovered})
@@ -177,13 +177,18 @@ def _topic(raw: str, max_length: int) -> str:
         raise SquallError("invalid_topic", str(exc)) from None
 
 
-def _limit(raw: str | None) -> int | None:
+def _limit(raw: str | None, most: int) -> int | None:
     if raw is None:
         return None
-    if not raw.isdigit() or not 0 < int(raw) <= MAX_HISTORY_LIMIT:
+    if not _is_number(raw) or not 0 < int(raw) <= most:
         raise SquallError("invalid_body", f"limit must be a whole number from 1 to "
-                          f"{MAX_HISTORY_LIMIT}, got {raw[:20]!r}")
+                          f"{most}, got {raw[:20]!r}")
     return int(raw)
+
+
+def _is_number(text: str) -> bool:
+    """ASCII digits only (``str.isdigit`` also takes ``²`` and ``①``, which ``int`` refuses)."""
+    return text.isascii() and text.isdigit()
 
 
 def _too_large(limit: int) -> SquallError:

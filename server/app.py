@@ -10,11 +10,10 @@ from typing import Any
 from prometheus_client import Counter
 from tornado.web import Application, RequestHandler
 
-from handlers.base import NotFoundHandler
+from handlers.base import NotFoundHandler, StaticHandler
 from handlers.info import HealthHandler, MetricsHandler, ReadyHandler, TopicsHandler
 from handlers.openapi import OpenApiHandler
 from handlers.publish import BatchHandler, TopicEventsHandler
-from handlers.static import StaticHandler
 from handlers.ws import SocketHandler
 from server.auth import redacted_uri
 from server.node import Node

@@ -36,6 +36,7 @@ from __future__ import annotations
 
 import hmac
 import logging
+import math
 import time
 import warnings
 from collections.abc import Iterable, Sequence
@@ -227,13 +228,17 @@ class Auth:
         return claims
 
     def _token_grant(self, claims: dict[str, Any]) -> Grant:
-        sub = claims["sub"]
+        sub, exp = claims["sub"], claims["exp"]
+        if not isinstance(sub, str):
+            raise Unauthorized("the token's 'sub' claim must be a string")
+        if isinstance(exp, bool) or not isinstance(exp, int | float) or math.isnan(exp):
+            raise Unauthorized("the token's 'exp' claim must be a number (seconds since 1970)")
         rights = claims.get(CLAIM, {})
         if not isinstance(rights, dict):
             raise Unauthorized(f"the token's {CLAIM!r} claim must be an object")
         return Grant(sub=sub, subscribe=_patterns(rights, "subscribe") + self.public.subscribe,
                      publish=_patterns(rights, "publish"),
-                     expires_at=float(min(claims["exp"], FAR_FUTURE)),
+                     expires_at=float(min(exp, FAR_FUTURE)),
                      limit_key=f"sub:{sub}")
 
     def origin_allowed(self, origin: str, host: str) -> bool:

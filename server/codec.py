@@ -21,6 +21,10 @@ from server.errors import SquallError
 JSON_TYPES = ("application/json", "application/x-www-form-urlencoded")
 MSGPACK_TYPES = ("application/msgpack", "application/x-msgpack")
 
+# Values nested deeper than this (arrays and maps in each other) are refused: every
+# encoder and decoder on the way recurses, and no event needs more.
+MAX_DEPTH = 64
+
 _OPCODE_TEXT = 0x1
 _OPCODE_BINARY = 0x2
 _FIN = 0x80
@@ -64,20 +68,44 @@ def dump_json(value: Any) -> bytes:
         return _json_encoder.encode(json_safe(value)).encode()
 
 
+def check_value(value: Any, max_depth: int = MAX_DEPTH) -> None:
+    """Raise ``invalid_body`` unless ``value`` nests at most ``max_depth`` levels and
+    holds only finite numbers (JSON has no NaN or infinity; ``1e999`` parses as one)."""
+    stack = [(value, 1)]
+    while stack:
+        item, depth = stack.pop()
+        if isinstance(item, float):
+            if not math.isfinite(item):
+                raise SquallError("invalid_body", "numbers must be finite (no NaN, no "
+                                  "infinity, nothing beyond 1.8e308)")
+        elif isinstance(item, dict | list | tuple):
+            if depth > max_depth:
+                raise SquallError("invalid_body", f"the value is nested more than "
+                                  f"{max_depth} levels deep")
+            children = item.values() if isinstance(item, dict) else item
+            stack.extend((child, depth + 1) for child in children
+                         if isinstance(child, dict | list | tuple | float))
+
+
 def load_json(raw: bytes | str) -> Any:
     """Parse strict JSON (no NaN/Infinity), or raise ``invalid_body``.
 
-    The value must also be one every codec can carry (no lone surrogates, integers
-    within 64 bits), so that no subscriber's encoding can fail later.
+    The value must also be one every codec can carry (finite numbers, at most
+    ``MAX_DEPTH`` levels, no lone surrogates, integers within 64 bits), so that no
+    subscriber's encoding can fail later.
     """
     try:
         text = raw.decode("utf-8") if isinstance(raw, bytes | bytearray) else raw
         value = _json_decoder.decode(text)
+    except RecursionError:
+        raise SquallError("invalid_body", f"the value is nested more than {MAX_DEPTH} "
+                          "levels deep") from None
     except json.JSONDecodeError as exc:
         raise SquallError("invalid_body", f"malformed JSON: {exc.msg} at line {exc.lineno} "
                           f"column {exc.colno}") from None
-    except (ValueError, RecursionError) as exc:
+    except ValueError as exc:
         raise SquallError("invalid_body", f"malformed JSON: {_first_line(exc)}") from None
+    check_value(value)
     try:
         dump_msgpack(value)
     except (ValueError, OverflowError, TypeError, RecursionError) as exc:
@@ -92,11 +120,14 @@ def dump_msgpack(value: Any) -> bytes:
 
 
 def load_msgpack(raw: bytes) -> Any:
-    """Parse one msgpack value, or raise ``invalid_body``."""
+    """Parse one msgpack value, or raise ``invalid_body`` (as for JSON, numbers must
+    be finite and nesting at most ``MAX_DEPTH`` levels)."""
     try:
-        return msgpack.unpackb(raw, raw=False, strict_map_key=False)
+        value = msgpack.unpackb(raw, raw=False, strict_map_key=False)
     except (ValueError, TypeError, RecursionError, msgpack.UnpackException) as exc:
         raise SquallError("invalid_body", f"malformed msgpack: {_first_line(exc)}") from None
+    check_value(value)
+    return value
 
 
 def _first_line(exc: BaseException) -> str:

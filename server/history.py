@@ -3,7 +3,10 @@
 Retention per topic is bounded by count and age; all topics together are bounded by
 a number of topics and a number of bytes, evicting the least recently published
 topic first. A lookup either returns every retained event after an id or says that
-the gap cannot be filled (``recovered=False``); it never returns part of a gap.
+the gap cannot be filled (``recovered=False``); it never returns part of a gap. An
+id of another epoch (the history behind it was lost) is answered with every
+retained event of the current epoch and ``recovered=False``: those events were all
+accepted after the loss, so a client that reloads its state loses none of them.
 
 To answer "was anything after X lost?" for topics that are no longer retained, the
 history keeps a bounded tombstone per forgotten topic (the seq of its last event)
@@ -13,9 +16,10 @@ and one watermark for tombstones it had to forget as well.
 from __future__ import annotations
 
 import heapq
+import itertools
 import time
 from collections import OrderedDict, deque
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from typing import NamedTuple
 
@@ -31,13 +35,20 @@ class Retention:
     ttl: float = 300.0
     max_topics: int = 10_000
     max_bytes: int = 64 * 1024 * 1024
+    max_replay: int = 10_000  # events one lookup returns at most
 
 
 class Replay(NamedTuple):
-    """The answer to a ``since`` lookup: the events after it, oldest first."""
+    """The answer to a ``since`` lookup: the events after it, oldest first.
+
+    ``last_id``: the newest id the history had given out when it was read (None when
+    unknown). Every event after it is yet to come, so a reader that got nothing
+    resumes from it without a gap.
+    """
 
     events: list[Event]
     recovered: bool
+    last_id: str | None = None
 
 
 class _TopicLog:
@@ -98,19 +109,28 @@ class MemoryHistory:
         self._evict_topics()
 
     def since(self, name: str, since: str | None, limit: int | None = None) -> Replay:
-        """Retained events of a topic or pattern after ``since`` (or all retained)."""
+        """Retained events of a topic or pattern after ``since`` (or all retained).
+
+        With ``limit``, the oldest ``limit`` of them (a reader pages with the last id).
+        Without it, every one; past ``retention.max_replay`` events a resume gets
+        ``recovered=False`` and nothing (a read without ``since``, the oldest ones).
+        """
         self.expire()
-        after = 0
+        position = str(EventId(self.epoch, self.last_seq))
+        after, recovered = 0, True
         if since is not None:
             parsed = EventId.parse(since)
-            if parsed is None or parsed.epoch != self.epoch or parsed.seq > self.last_seq:
-                return Replay([], False)
-            after = parsed.seq
-            if not self._covers(name, after):
-                return Replay([], False)
+            if parsed is None or (parsed.epoch == self.epoch and parsed.seq > self.last_seq):
+                return Replay([], False, position)  # no id this history could have issued
+            if parsed.epoch != self.epoch:
+                recovered = False  # lost with its epoch: what this one retained follows
+            elif not self._covers(name, parsed.seq):
+                return Replay([], False, position)
+            else:
+                after = parsed.seq
         streams = [self._after(log, after) for log in self._logs_for(name)]
-        events = list(heapq.merge(*streams, key=lambda event: event.seq))
-        return Replay(events[:limit] if limit is not None else events, True)
+        return merge_replay(streams, recovered, position, limit, self.retention.max_replay,
+                            resuming=since is not None)
 
     def last_id(self, topic: str) -> str | None:
         log = self._logs.get(topic)
@@ -202,3 +222,29 @@ class MemoryHistory:
             found.append(event)
         found.reverse()
         return found
+
+
+def oldest(streams: Iterable[list[Event]], count: int) -> list[Event]:
+    """The ``count`` oldest events of streams that are each in id order."""
+    return list(itertools.islice(heapq.merge(*streams, key=_seq), count))
+
+
+def merge_replay(streams: list[list[Event]] | None, recovered: bool, position: str,
+                 limit: int | None, cap: int, resuming: bool) -> Replay:
+    """The answer to a lookup from per-topic streams (None: a gap was found).
+
+    The oldest ``limit`` events when a limit is given (a reader pages on), else every
+    one up to ``cap``. A resume (``since`` given, no limit) with more than ``cap`` is
+    not recovered, since no replay is ever partial.
+    """
+    if streams is None:
+        return Replay([], False, position)
+    keep = cap if limit is None else limit
+    events = oldest(streams, keep + 1)
+    if len(events) > keep and limit is None and resuming:
+        return Replay([], False, position)
+    return Replay(events[:keep], recovered, position)
+
+
+def _seq(event: Event) -> int:
+    return event.seq

@@ -17,6 +17,7 @@ duplicate, whatever the broker's latency.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import time
 from collections.abc import Callable, Sequence
@@ -46,6 +47,11 @@ class PublishedEvent(NamedTuple):
 
 def _ignore(seconds: float) -> None:
     pass
+
+
+def _retrieved(task: asyncio.Task[None]) -> None:
+    if not task.cancelled():
+        task.exception()
 
 
 class _Run:
@@ -104,7 +110,8 @@ class Hub:
         self.connections: set[Connection] = set()
         self.delivered = 0
         self._edges: set[asyncio.Task[None]] = set()
-        self._subscribing: dict[str, asyncio.Future[None]] = {}
+        self._subscribing: dict[str, asyncio.Task[None]] = {}  # broker subscribes under way
+        self._in_broker: set[str] = set()  # names the broker confirmed
         self._publishing = 0
         self._idle: asyncio.Event | None = None
 
@@ -223,13 +230,21 @@ class Hub:
 
     async def subscribe(self, connection: Connection, name: str, since: str | None = None,
                         ref: Any = None) -> None:
-        """Subscribe and answer: replayed events (with ``since``), then ``subscribed``."""
+        """Subscribe and answer: replayed events (with ``since``), then ``subscribed``.
+
+        The reply's ``last_id`` is where the subscription starts: every event after it
+        is delivered (replayed or live), so a client that saw none resumes from it.
+        Raises ``SquallError`` (``broker_unavailable`` among others) with nothing
+        subscribed, unless the client already held ``name``.
+        """
         if (name not in connection.subscriptions
                 and len(connection.subscriptions) >= self.max_subscriptions):
             raise SquallError("too_many_subscriptions",
                               f"a connection may hold {self.max_subscriptions} subscriptions")
         reply = with_ref({"type": "subscribed", "topic": name}, ref)
         if since is None:
+            # read first: whatever comes later is delivered live, so nothing after it is lost
+            reply["last_id"] = str(await self.broker.position())
             await self._add(connection, name)
             connection.send(reply)
         else:
@@ -249,27 +264,54 @@ class Hub:
         return dict(self.router.names())
 
     async def _add(self, connection: Connection, name: str) -> None:
-        """Subscribe locally; returns once the broker delivers ``name``'s events here."""
+        """Subscribe locally; returns once the broker delivers ``name``'s events here.
+
+        The broker is subscribed once per name, by whichever client needs it first;
+        the others wait for the same confirmation. When it fails, every waiting
+        client's subscription is undone (unless it already held the name) and the
+        error raised to each.
+        """
+        held = name in connection.subscriptions
         connection.subscriptions[name] = None
-        if not self.router.add(name, connection):
-            pending = self._subscribing.get(name)
-            if pending is not None:  # the first subscriber's broker subscribe is under way
+        self.router.add(name, connection)
+        try:
+            if name not in self._in_broker:
+                pending = self._subscribing.get(name)
+                if pending is None:
+                    pending = self._subscribing[name] = asyncio.get_running_loop().create_task(
+                        self._subscribe_broker(name))
+                    pending.add_done_callback(_retrieved)  # its waiters may all be gone
                 await asyncio.shield(pending)
-            return
-        confirmed = asyncio.get_running_loop().create_future()
-        self._subscribing[name] = confirmed
+        except BaseException:
+            if not held:
+                connection.subscriptions.pop(name, None)
+                self.router.remove(name, connection)
+            raise
+
+    async def _subscribe_broker(self, name: str) -> None:
         try:
             await self.broker.subscribe(name)
+            self._in_broker.add(name)
         finally:
             del self._subscribing[name]
-            confirmed.set_result(None)
 
     def _remove(self, connection: Connection, name: str) -> None:
         connection.subscriptions.pop(name, None)
         if self.router.remove(name, connection):
-            task = asyncio.get_running_loop().create_task(self.broker.unsubscribe(name))
+            task = asyncio.get_running_loop().create_task(self._unsubscribe_broker(name))
             self._edges.add(task)
             task.add_done_callback(self._edge_done)
+
+    async def _unsubscribe_broker(self, name: str) -> None:
+        """The last local subscriber left: unsubscribe the broker, once a subscribe still
+        under way has ended, and only if nobody subscribed again meanwhile."""
+        pending = self._subscribing.get(name)
+        if pending is not None:
+            with contextlib.suppress(Exception):
+                await asyncio.shield(pending)
+        if name in self._in_broker and not self.router.subscribers(name):
+            self._in_broker.discard(name)
+            await self.broker.unsubscribe(name)
 
     def _edge_done(self, task: asyncio.Task[None]) -> None:
         self._edges.discard(task)
@@ -285,6 +327,10 @@ class Hub:
         new = name not in connection.subscriptions
         try:
             await self._add(connection, name)
+        except BaseException:
+            self._release(connection, hold)
+            raise
+        try:
             replay = await self.broker.history(name, since)
         except BaseException:
             if new:
@@ -293,6 +339,8 @@ class Hub:
             raise
         await self._replay(connection, hold, replay.events)
         reply["recovered"] = replay.recovered
+        if replay.last_id is not None:
+            reply["last_id"] = replay.last_id
         connection.send(reply)
         self._release(connection, hold)
 

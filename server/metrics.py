@@ -65,7 +65,7 @@ class _NodeCollector(Collector):
         yield _counter("squall_slow_consumer_closes", "Connections closed as slow consumers",
                        hub.slow_closes)
         yield _counter("squall_broker_reconnects", "Times the broker connection was "
-                       "re-established", getattr(broker, "reconnects", 0))
+                       "re-established", broker.reconnects)
         yield _gauge("squall_connections", "Open WebSocket connections", len(connections))
         yield _gauge("squall_subscriptions", "Subscriptions held by open connections",
                      sum(len(c.subscriptions) for c in connections))

@@ -98,7 +98,8 @@ class Node:
 def broker_options(settings: Settings) -> BrokerOptions:
     retention = Retention(size=settings.history_size, ttl=settings.history_ttl,
                           max_topics=settings.history_max_topics,
-                          max_bytes=settings.history_max_bytes)
+                          max_bytes=settings.history_max_bytes,
+                          max_replay=settings.max_replay_events)
     return BrokerOptions(retention=retention, timeout=settings.broker_timeout,
                          dedupe_window=settings.dedupe_window,
                          dedupe_max_keys=settings.dedupe_max_keys)

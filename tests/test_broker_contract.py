@@ -17,7 +17,7 @@ from tornado.ioloop import IOLoop
 from server.broker.base import Broker, BrokerOptions, Published, PublishRequest, create_broker
 from server.errors import BrokerUnavailable
 from server.events import Event, EventId
-from server.history import Retention
+from server.history import Replay, Retention
 
 pytest_plugins = ["tests.redis_server"]
 pytestmark = pytest.mark.gen_test(timeout=30)
@@ -59,8 +59,9 @@ def make_broker(request: pytest.FixtureRequest, io_loop: IOLoop) -> Iterator[Mak
 
     async def make(subscribe: Sequence[str] = (), size: int = 100, ttl: float = 300.0,
                    max_topics: int = 10_000, dedupe_window: float = 300.0,
-                   **options: Any) -> tuple[Broker, Received]:
-        retention = Retention(size=size, ttl=ttl, max_topics=max_topics)
+                   max_replay: int = 10_000, **options: Any) -> tuple[Broker, Received]:
+        retention = Retention(size=size, ttl=ttl, max_topics=max_topics,
+                              max_replay=max_replay)
         broker = create_broker(url, BrokerOptions(retention=retention,
                                                   dedupe_window=dedupe_window, **options))
         made.append(broker)
@@ -81,6 +82,11 @@ def make_broker(request: pytest.FixtureRequest, io_loop: IOLoop) -> Iterator[Mak
 
 async def publish_each(broker: Broker, topic: str, values: Sequence[Any]) -> list[Published]:
     return [(await broker.publish([PublishRequest(topic, value)]))[0] for value in values]
+
+
+def found(replay: Replay) -> tuple[list[Event], bool]:
+    """A replay's events and whether it recovered (without its position)."""
+    return replay.events, replay.recovered
 
 
 def seq(event_id: str) -> int:
@@ -143,7 +149,7 @@ async def test_history_since_returns_every_retained_event_after_it(make_broker):
     limited = await broker.history("h.a", outcomes[3].id, limit=2)
     assert limited.recovered and [event.data for event in limited.events] == [4, 5]
     newest = await broker.history("h.a", outcomes[-1].id)
-    assert newest == (newest.events, True) and newest.events == []
+    assert found(newest) == ([], True)
 
 
 async def test_history_since_an_id_of_another_topic(make_broker):
@@ -157,26 +163,27 @@ async def test_history_since_an_id_of_another_topic(make_broker):
 
 
 @pytest.mark.parametrize("since", ["", "nope", "abc", "-1", "k3x9-", "k3x9-1x", "a-b-c",
-                                   "x" * 100, "zzzzzz-1"])
+                                   "x" * 100, "zz-1\u00b2", "zz-\u0661"])
 async def test_history_malformed_or_unknown_ids_are_not_recovered(make_broker, since):
     broker, _ = await make_broker()
     await publish_each(broker, "bad.since", [1, 2])
-    assert await broker.history("bad.since", since) == ([], False)
-    assert await broker.history("bad.*", since) == ([], False)
+    assert found(await broker.history("bad.since", since)) == ([], False)
+    assert found(await broker.history("bad.*", since)) == ([], False)
 
 
 async def test_history_of_an_id_from_the_future_is_not_recovered(make_broker):
     broker, _ = await make_broker()
     [outcome] = await publish_each(broker, "future", [1])
     epoch = outcome.id.rpartition("-")[0]
-    assert await broker.history("future", f"{epoch}-{seq(outcome.id) + 1000}") == ([], False)
+    future = f"{epoch}-{seq(outcome.id) + 1000}"
+    assert found(await broker.history("future", future)) == ([], False)
 
 
 async def test_history_trimmed_past_since_is_not_recovered(make_broker):
     broker, _ = await make_broker(size=3)
     outcomes = await publish_each(broker, "trim", list(range(6)))
-    assert await broker.history("trim", outcomes[0].id) == ([], False)
-    assert await broker.history("trim", outcomes[1].id) == ([], False)
+    assert found(await broker.history("trim", outcomes[0].id)) == ([], False)
+    assert found(await broker.history("trim", outcomes[1].id)) == ([], False)
     kept = await broker.history("trim", outcomes[2].id)
     assert kept.recovered and [event.data for event in kept.events] == [3, 4, 5]
     assert [event.data for event in (await broker.history("trim", None)).events] == [3, 4, 5]
@@ -191,20 +198,60 @@ async def test_history_older_than_the_ttl_is_dropped(make_broker):
     assert [event.data for event in (await broker.history("ttl.a", None)).events] == ["fresh"]
     since_old = await broker.history("ttl.a", old[0].id)
     assert since_old.recovered and [event.data for event in since_old.events] == ["fresh"]
-    assert (await broker.history("ttl.a", fresh[0].id)) == ([], True)
+    assert found(await broker.history("ttl.a", fresh[0].id)) == ([], True)
     # "old" on ttl.a was dropped after the since below: the gap cannot be filled
     before = EventId(old[0].id.rpartition("-")[0], seq(old[0].id) - 1)
-    assert await broker.history("ttl.a", str(before)) == ([], False)
-    assert await broker.history("ttl.gone", str(before)) == ([], False)
+    assert found(await broker.history("ttl.a", str(before))) == ([], False)
+    assert found(await broker.history("ttl.gone", str(before))) == ([], False)
     assert await broker.retained_topics() == ["ttl.a"]
     assert await broker.last_ids(["ttl.a", "ttl.gone"]) == {"ttl.a": fresh[0].id}
+
+
+async def test_an_id_of_a_forgotten_epoch_gets_everything_retained_now(make_broker):
+    broker, _ = await make_broker()
+    outcomes = await publish_each(broker, "lost.a", [1, 2])
+    await publish_each(broker, "lost.b", [3])
+    epoch = outcomes[0].id.rpartition("-")[0]
+    forgotten = ("z" if epoch[0] != "z" else "y") + epoch[1:] + "-1"
+    topic = await broker.history("lost.a", forgotten)
+    assert (topic.recovered, [event.data for event in topic.events]) == (False, [1, 2])
+    pattern = await broker.history("lost.*", forgotten)
+    assert (pattern.recovered, [event.data for event in pattern.events]) == (False, [1, 2, 3])
+    assert found(await broker.history("lost.none", forgotten)) == ([], False)
+
+
+async def test_position_is_where_the_next_event_starts(make_broker):
+    broker, _ = await make_broker()
+    start = await broker.position()
+    assert found(await broker.history("pos.t", str(start))) == ([], True)
+    [first] = await publish_each(broker, "pos.t", ["a"])
+    assert seq(first.id) > start.seq and first.id.rpartition("-")[0] == start.epoch
+    assert str(await broker.position()) == first.id
+    replay = await broker.history("pos.t", str(start))
+    assert [event.id for event in replay.events] == [first.id]
+    assert replay.last_id == first.id
+    assert (await broker.history("pos.*", None)).last_id == first.id
+
+
+async def test_a_resume_longer_than_the_replay_cap_is_not_recovered(make_broker):
+    broker, _ = await make_broker(max_replay=5)
+    start = await broker.position()
+    for n in range(4):
+        await publish_each(broker, f"cap.{n}", [n, n + 10])
+    assert found(await broker.history("cap.*", str(start))) == ([], False)
+    paged = await broker.history("cap.*", str(start), limit=3)
+    assert paged.recovered and [event.data for event in paged.events] == [0, 10, 1]
+    oldest = await broker.history("cap.*", None)
+    assert oldest.recovered and [event.data for event in oldest.events] == [0, 10, 1, 11, 2]
+    middle = await broker.history("cap.*", paged.events[-1].id)
+    assert middle.recovered and [event.data for event in middle.events] == [11, 2, 12, 3, 13]
 
 
 async def test_history_size_zero_keeps_nothing_but_knows_what_was_lost(make_broker):
     broker, _ = await make_broker(size=0)
     [first, _] = await publish_each(broker, "none", [1, 2])
-    assert await broker.history("none", None) == ([], True)
-    assert await broker.history("none", first.id) == ([], False)
+    assert found(await broker.history("none", None)) == ([], True)
+    assert found(await broker.history("none", first.id)) == ([], False)
     assert await broker.retained_topics() == []
 
 
@@ -214,11 +261,11 @@ async def test_least_recently_published_topics_are_forgotten_past_max_topics(mak
     before = str(EventId(first.id.rpartition("-")[0], seq(first.id) - 1))
     outcomes = [(await publish_each(broker, f"many.{n}", [n]))[0] for n in range(1, 5)]
     assert sorted(await broker.retained_topics()) == ["many.2", "many.3", "many.4"]
-    assert await broker.history("many.0", before) == ([], False)
-    assert await broker.history("many.*", before) == ([], False)
-    assert await broker.history("many.0", first.id) == ([], True)  # nothing came after it
+    assert found(await broker.history("many.0", before)) == ([], False)
+    assert found(await broker.history("many.*", before)) == ([], False)
+    assert found(await broker.history("many.0", first.id)) == ([], True)  # nothing came after it
     assert [event.data for event in (await broker.history("many.4", before)).events] == [4]
-    assert await broker.history("many.>", first.id) == ([], False)  # many.1's event is gone
+    assert found(await broker.history("many.>", first.id)) == ([], False)  # many.1's event is gone
     after_gone = await broker.history("many.>", outcomes[0].id)
     assert after_gone.recovered and [event.data for event in after_gone.events] == [2, 3, 4]
 
@@ -237,7 +284,7 @@ async def test_pattern_history_merges_matching_topics_in_id_order(make_broker):
     assert tail.recovered and [event.data for event in tail.events] == [5, 6]
     everything = await broker.history("p.*", None)
     assert [event.data for event in everything.events] == ["s", *range(9)]
-    assert await broker.history("nothing.*", start.id) == ([], True)
+    assert found(await broker.history("nothing.*", start.id)) == ([], True)
 
 
 async def test_pattern_history_with_one_topic_trimmed_is_not_recovered(make_broker):
@@ -245,7 +292,7 @@ async def test_pattern_history_with_one_topic_trimmed_is_not_recovered(make_brok
     [start] = await publish_each(broker, "pt.start", ["s"])
     await publish_each(broker, "pt.busy", [1, 2, 3])
     await publish_each(broker, "pt.calm", [1])
-    assert await broker.history("pt.*", start.id) == ([], False)
+    assert found(await broker.history("pt.*", start.id)) == ([], False)
     later = await broker.history("pt.*", (await broker.history("pt.busy", None)).events[0].id)
     assert later.recovered and [event.data for event in later.events] == [3, 1]
 

@@ -47,8 +47,7 @@ async def test_405_names_the_method_and_the_methods_the_path_takes(
 async def test_a_missing_static_file_is_a_json_404(http_client, base_url):
     response = await fetch(http_client, base_url, "/static/nothing.js")
     assert response.code == 404
-    assert error_of(response) == {"code": "not_found", "message": "no such file: "
-                                  "/static/nothing.js"}
+    assert error_of(response)["code"] == "not_found"
 
 
 EVENT = ('the event\'s data as JSON, such as {"text": "hi"}, with Content-Type: '

@@ -34,7 +34,7 @@ async def test_resume_gets_exactly_the_missed_events_then_live(ws_connect, publi
         frame = await second.recv()
         if frame["type"] == "subscribed":
             assert frame == {"type": "subscribed", "topic": "chat.room", "ref": 1,
-                             "recovered": True}
+                             "recovered": True, "last_id": frame["last_id"]}
             break
         frames.append(frame)
     await racing
@@ -45,7 +45,7 @@ async def test_resume_gets_exactly_the_missed_events_then_live(ws_connect, publi
     assert replayed + [event["data"] for event in rest] == [*range(10, 400), "live"]
 
 
-@pytest.mark.settings(history_size=100_000)
+@pytest.mark.settings(history_size=100_000, max_replay_events=100_000)
 async def test_replay_live_boundary_under_a_continuous_publish_loop(ws_connect, publish):
     stop = asyncio.Event()
 

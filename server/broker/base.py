@@ -12,7 +12,7 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, NamedTuple
 
-from server.events import Event
+from server.events import Event, EventId
 from server.history import Replay, Retention
 
 EventHandler = Callable[[Event], None]
@@ -60,7 +60,13 @@ class Broker(abc.ABC):
       be confirmed within ``options.timeout`` (the event may or may not have been
       published: a retry with the same idempotency key is safe).
     - ``history`` never returns part of a gap: every retained event after ``since``,
-      or ``recovered=False``.
+      or ``recovered=False`` with nothing, except for an id of an epoch whose history
+      the broker lost (a restart without persistence): then every retained event of
+      the current epoch, with ``recovered=False``, since each was accepted after the
+      loss. ``Replay.last_id`` is the broker's position when it read.
+    - ``position`` is the newest id the broker has given out (its epoch made first if
+      there is none yet): every event published after the call returns has a larger
+      id, so a subscription made afterwards can always resume from it.
     - When events of a subscribed name were lost to this node and cannot be replayed
       (a broker outage longer than the history), ``on_gap(name)`` is called; the node
       closes that name's subscribers so they resume with ``since``.
@@ -92,6 +98,10 @@ class Broker(abc.ABC):
         """Retained events of a topic or pattern after ``since``, oldest first."""
 
     @abc.abstractmethod
+    async def position(self) -> EventId:
+        """The newest id given out; raises ``BrokerUnavailable`` (see the class)."""
+
+    @abc.abstractmethod
     async def last_ids(self, topics: Sequence[str]) -> dict[str, str]:
         """The newest retained id of each topic that has one."""
 
@@ -105,15 +115,24 @@ class Broker(abc.ABC):
         node subscribes to by name; topics without subscribers may be left out."""
 
     async def subscribe(self, name: str) -> None:  # noqa: B027 - optional hook
-        """The node's first local subscriber of a topic or pattern arrived."""
+        """The node's first local subscriber of a topic or pattern arrived.
+
+        Returns once ``name``'s events reach ``on_event``; raises ``BrokerUnavailable``
+        when that cannot be confirmed (nothing is then subscribed).
+        """
 
     async def unsubscribe(self, name: str) -> None:  # noqa: B027 - optional hook
         """The node's last local subscriber of a topic or pattern left."""
 
     @property
     def ready(self) -> bool:
-        """Whether the broker can publish now (for ``/readyz``)."""
+        """Whether the broker can publish and deliver now (for ``/readyz``)."""
         return True
+
+    @property
+    def reconnects(self) -> int:
+        """Times the connection to the backend was made again after it was lost."""
+        return 0
 
 
 def _ignore(event: Event) -> None:
@@ -139,4 +158,5 @@ def create_broker(url: str, options: BrokerOptions) -> Broker:
         from server.broker.redis import RedisBroker
 
         return RedisBroker(url, options)
-    raise ValueError(f"unsupported broker URL scheme {scheme!r}; use memory:// or redis://")
+    raise ValueError(f"unsupported broker URL scheme {scheme!r}; use memory:// or "
+                     "redis://HOST:6379/0")

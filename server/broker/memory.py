@@ -62,6 +62,11 @@ class MemoryBroker(Broker):
     async def history(self, name: str, since: str | None, limit: int | None = None) -> Replay:
         return self._history.since(name, since, limit)
 
+    async def position(self) -> EventId:
+        if self._closed:
+            raise BrokerUnavailable("the broker is closed")
+        return EventId(self.epoch, self._seq)
+
     async def last_ids(self, topics: Sequence[str]) -> dict[str, str]:
         found = {topic: self._history.last_id(topic) for topic in topics}
         return {topic: last for topic, last in found.items() if last is not None}

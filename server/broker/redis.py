@@ -3,8 +3,9 @@
 - Ids: ``<epoch>-<seq>``. ``seq`` is one counter in Redis, taken inside the publish
   script, so ids increase in publish order within a topic and across all topics and
   nodes. The epoch is a random word kept in Redis and made anew when Redis has none
-  (first use, or Redis lost its data): ids from before are answered
-  ``recovered: false``, never misread.
+  (first use, or Redis lost its data): a resume from an id of a lost epoch is
+  answered ``recovered: false`` with every event retained in the new one, never
+  misread.
 - Publishing: one Lua script per batch checks each idempotency key, appends the
   event to its topic's stream and PUBLISHes it; Redis runs the script as one step
   that no other command interleaves with.
@@ -23,9 +24,19 @@
 - Delivery: through this process's one pub/sub connection (``Listener``), only for
   the topics and patterns local clients subscribed to; each event once, in order;
   after a lost connection the gap is filled from the streams, or ``on_gap`` is told.
-- While Redis is unreachable: connections stay, ``publish`` and ``history`` raise
-  ``BrokerUnavailable`` within ``options.timeout``, ``ready`` is False, and the
-  listener reconnects with capped backoff.
+- While Redis is unreachable: connections stay; ``publish``, ``history``,
+  ``position`` and ``subscribe`` raise ``BrokerUnavailable`` within
+  ``options.timeout`` (a publish counts from its call, even queued behind a grouped
+  script call); ``ready`` is False from the first unanswered ping (within about a
+  second) until the listener is back and caught up; the listener tries to reconnect
+  every 0.1 s at most.
+- Persistence is Redis's: with ``appendonly yes`` and ``appendfsync always`` a
+  restart keeps the epoch, the streams and the idempotency keys, and every node
+  fills its subscribers' gaps from the streams (nothing accepted is lost). With
+  ``appendfsync everysec`` up to about a second of accepted events can be lost in a
+  crash of the Redis host; with no persistence a restart loses everything: a new
+  epoch begins, every subscriber is closed with 4009, and its resume gets
+  ``recovered: false`` and every event accepted since.
 - Subscriber counts: every node writes its local counts to Redis every few seconds
   (a hash per node, expiring when the node stops writing); ``subscriber_counts``
   adds them up.
@@ -36,7 +47,6 @@ from __future__ import annotations
 import asyncio
 import collections
 import contextlib
-import heapq
 import logging
 import os
 import secrets
@@ -69,10 +79,10 @@ from server.broker.redis_keys import (
     stream_key,
 )
 from server.broker.redis_listener import Listener
-from server.broker.redis_lua import PUBLISH
+from server.broker.redis_lua import POSITION, PUBLISH
 from server.errors import BrokerUnavailable, SquallError
 from server.events import Event, EventId
-from server.history import Replay
+from server.history import Replay, merge_replay, oldest
 from server.tasks import stop, supervise
 from server.topics import is_pattern, matches
 
@@ -84,6 +94,7 @@ COUNTS_TTL = 3 * COUNTS_INTERVAL
 _FAILURES = (RedisError, OSError, TimeoutError)
 # Events in one call of the publish script at most, when publishes are grouped.
 MAX_SCRIPT_EVENTS = 1000
+READ_CHUNK = 100  # streams read per round trip by a pattern's history
 _SCRIPT_KEYS = [META, TOPICS_BY_SEQ, TOPICS_BY_TS, TOPICS_GONE]
 
 
@@ -107,6 +118,9 @@ class RedisBroker(Broker):
         self._listen_pool = ConnectionPool.from_url(url, max_connections=4, **connection)
         self._client = Redis(connection_pool=self._pool)
         self._publish_script = self._client.register_script(PUBLISH)
+        self._position_script = self._client.register_script(POSITION)
+        self._position_waiters: list[asyncio.Future[EventId]] = []
+        self._position_reader: asyncio.Task[None] | None = None
         self._listener = Listener(self._listen_pool, self, self._deliver, self._gap,
                                   options.timeout)
         self._tasks: list[asyncio.Task[None]] = []
@@ -144,6 +158,10 @@ class RedisBroker(Broker):
         await self._listen_pool.disconnect()
 
     @property
+    def reconnects(self) -> int:
+        return self._listener.reconnects
+
+    @property
     def ready(self) -> bool:
         failed_at = self._failed_at
         heard = failed_at is None or self._listener.last_heard > failed_at
@@ -163,7 +181,9 @@ class RedisBroker(Broker):
         While a call is under way, later publishes wait and then go together in the
         next one (in arrival order, at most ``MAX_SCRIPT_EVENTS`` events a call), so a
         busy node pays the client's round trip per group, not per request. A publish
-        that comes when nothing is under way goes at once.
+        that comes when nothing is under way goes at once. Each publish waits at most
+        ``options.timeout`` from its call, queued or not; one that gave up before its
+        group was sent is never sent.
         """
         if self._closed:
             raise BrokerUnavailable("the broker is closed")
@@ -172,11 +192,20 @@ class RedisBroker(Broker):
         events = [[request.topic, encode_head(request.topic), _data(index, request.data),
                    request.idempotency_key or ""]
                   for index, request in enumerate(requests)]
-        waiter: asyncio.Future[list[Any]] = asyncio.get_running_loop().create_future()
-        self._waiting.append((events, waiter))
+        loop = asyncio.get_running_loop()
+        waiter: asyncio.Future[list[Any]] = loop.create_future()
+        entry = (events, waiter)
+        self._waiting.append(entry)
         if self._publisher is None:
-            self._publisher = asyncio.get_running_loop().create_task(self._publish_waiting())
-        outcomes = await waiter
+            self._publisher = loop.create_task(self._publish_waiting())
+        try:
+            outcomes = await asyncio.wait_for(asyncio.shield(waiter), self.options.timeout)
+        except (TimeoutError, asyncio.CancelledError) as exc:
+            if entry in self._waiting:  # never sent: it is not published, now or later
+                self._waiting.remove(entry)
+            if isinstance(exc, TimeoutError):
+                raise BrokerUnavailable() from None
+            raise
         return [_published(request.topic, outcome)
                 for request, outcome in zip(requests, outcomes, strict=True)]
 
@@ -232,70 +261,128 @@ class RedisBroker(Broker):
     # -- history ---------------------------------------------------------------------------
 
     async def history(self, name: str, since: str | None, limit: int | None = None) -> Replay:
+        """See ``Broker.history``. Reads are bounded: each stream by the replay cap, a
+        pattern's streams in chunks, and the events kept by ``limit`` or the cap."""
         parsed = EventId.parse(since) if since is not None else None
-        if since is not None and parsed is None:
-            return Replay([], False)
-        after = parsed.seq if parsed is not None else 0
         async with self._answer("history"):
-            if is_pattern(name):
-                replay = await self._pattern_history(name, parsed, after)
-            else:
-                replay = await self._topic_history(name, parsed, after)
-        return replay._replace(events=replay.events[:limit]) if limit is not None else replay
+            if since is not None and parsed is None:
+                return Replay([], False, str(await self.position()))
+            after = parsed.seq if parsed is not None else 0
+            meta, streams = await self._read(name, after, parsed is not None, limit)
+            if meta.epoch == "":  # nothing published since Redis lost its data
+                meta = meta._replace(epoch=(await self.position()).epoch)
+            position = str(EventId(meta.epoch, meta.seq))
+            if parsed is not None and parsed.epoch != meta.epoch:
+                # that epoch's history is gone: every event retained now came after
+                meta, streams = await self._read(name, 0, False, limit)
+                return merge_replay(streams, False, position, limit, self._cap, resuming=True)
+            if parsed is not None and parsed.seq > meta.seq:
+                return Replay([], False, position)  # an id Redis never gave out
+            return merge_replay(streams, True, position, limit, self._cap,
+                                resuming=parsed is not None)
 
-    async def _topic_history(self, topic: str, since: EventId | None, after: int) -> Replay:
+    async def _read(self, name: str, after: int, check: bool, limit: int | None,
+                    ) -> tuple[_Meta, list[list[Event]] | None]:
+        """The meta and each matching topic's retained events after seq ``after``, or
+        None for the events when ``check`` finds some of them were dropped."""
+        if not is_pattern(name):
+            return await self._read_topic(name, after, check)
+        return await self._read_pattern(name, after, check, limit)
+
+    async def _read_topic(self, topic: str, after: int, check: bool,
+                          ) -> tuple[_Meta, list[list[Event]] | None]:
         transaction = self._client.pipeline(transaction=True)
         _read_meta(transaction)
-        transaction.xrange(stream_key(topic), min=f"{after + 1}-0", max="+")
+        transaction.xrange(stream_key(topic), min=f"{after + 1}-0", max="+",
+                           count=self._cap + 1)
         transaction.zscore(TOPICS_BY_SEQ, topic)
         transaction.zscore(TOPICS_GONE, topic)
         raw_meta, now, entries, last, tombstone = await transaction.execute()
         meta = _meta(raw_meta, now)
-        if not _known(meta, since):
-            return Replay([], False)
         last_seq = int(next((seq for seq in (last, tombstone) if seq is not None),
                             meta.forgotten))
-        events = self._after(entries, meta, since, after, last_seq)
-        return Replay(events or [], events is not None)
+        events = self._after(entries, meta, check, after, last_seq)
+        return meta, None if events is None else [events]
 
-    async def _pattern_history(self, pattern: str, since: EventId | None, after: int) -> Replay:
+    async def _read_pattern(self, pattern: str, after: int, check: bool, limit: int | None,
+                            ) -> tuple[_Meta, list[list[Event]] | None]:
         transaction = self._client.pipeline(transaction=True)
         _read_meta(transaction)
         transaction.zrangebyscore(TOPICS_BY_SEQ, after + 1, "+inf", withscores=True)
         transaction.zrangebyscore(TOPICS_GONE, after + 1, "+inf")
         raw_meta, now, rows, gone = await transaction.execute()
         meta = _meta(raw_meta, now)
-        if not _known(meta, since):
-            return Replay([], False)
-        if since is not None and (meta.forgotten > after or any(
+        if check and (meta.forgotten > after or any(
                 matches(pattern, _text(topic)) for topic in gone)):
-            return Replay([], False)
-        topics = [(_text(topic), int(seq)) for topic, seq in rows]
-        topics = [(topic, seq) for topic, seq in topics if matches(pattern, topic)]
-        if not topics:
-            return Replay([], True)
-        reads = self._client.pipeline(transaction=True)
-        for topic, _ in topics:
-            reads.xrange(stream_key(topic), min=f"{after + 1}-0", max="+")
-        streams = []
-        for (_, last_seq), entries in zip(topics, await reads.execute(), strict=True):
-            events = self._after(entries, meta, since, after, last_seq)
-            if events is None:
-                return Replay([], False)
-            streams.append(events)
-        return Replay(list(heapq.merge(*streams, key=lambda event: event.seq)), True)
+            return meta, None
+        topics = [(topic, int(seq)) for topic, seq in ((_text(t), s) for t, s in rows)
+                  if matches(pattern, topic)]
+        keep = self._cap + 1 if limit is None else limit
+        streams: list[list[Event]] = []
+        for at in range(0, len(topics), READ_CHUNK):
+            chunk = topics[at:at + READ_CHUNK]
+            reads = self._client.pipeline(transaction=False)
+            for topic, _ in chunk:
+                reads.xrange(stream_key(topic), min=f"{after + 1}-0", max="+", count=keep)
+            for (_, last_seq), entries in zip(chunk, await reads.execute(), strict=True):
+                events = self._after(entries, meta, check, after, last_seq)
+                if events is None:
+                    return meta, None
+                streams.append(events)
+            if sum(map(len, streams)) > keep:  # only the oldest ``keep`` can be returned
+                streams = [oldest(streams, keep)]
+        return meta, streams
 
     def _after(self, entries: list[tuple[bytes, dict[bytes, bytes]]], meta: _Meta,
-               since: EventId | None, after: int, last_seq: int) -> list[Event] | None:
-        """The retained events of one topic after ``after``; None if some were dropped."""
+               check: bool, after: int, last_seq: int) -> list[Event] | None:
+        """The retained events of one topic after ``after``; None if ``check`` finds
+        that some of them were dropped."""
         deadline = meta.now_ms - _ms(self.options.retention.ttl)
         kept = [entry for entry in _entries(entries)
                 if not self.options.retention.ttl or entry.event.ts >= deadline]
-        if since is not None:
+        if check:
             dropped_upto = kept[0].prev if kept else last_seq
             if dropped_upto > after:
                 return None
         return [entry.event for entry in kept]
+
+    @property
+    def _cap(self) -> int:
+        return self.options.retention.max_replay
+
+    async def position(self) -> EventId:
+        """See ``Broker.position``. Calls made while a read is under way share the
+        next read, so a storm of subscribes costs a few round trips, not one each."""
+        if self._closed:
+            raise BrokerUnavailable("the broker is closed")
+        loop = asyncio.get_running_loop()
+        waiter: asyncio.Future[EventId] = loop.create_future()
+        self._position_waiters.append(waiter)
+        if self._position_reader is None:
+            self._position_reader = loop.create_task(self._read_positions())
+        try:
+            return await asyncio.wait_for(asyncio.shield(waiter), self.options.timeout)
+        except TimeoutError:
+            raise BrokerUnavailable("the broker did not answer (position)") from None
+
+    async def _read_positions(self) -> None:
+        try:
+            while self._position_waiters:
+                waiters, self._position_waiters = self._position_waiters, []
+                try:
+                    async with asyncio.timeout(self.options.timeout):
+                        epoch, seq = await self._position_script(keys=_SCRIPT_KEYS,
+                                                                 args=[new_epoch()])
+                except _FAILURES as exc:
+                    log.warning("position from redis at %s failed: %s", self._where,
+                                _describe(exc))
+                    _settle(waiters, BrokerUnavailable("the broker did not answer (position)"))
+                    continue
+                _settle(waiters, EventId(_text(epoch), int(seq)))
+        finally:
+            self._position_reader = None
+            _settle(self._position_waiters, BrokerUnavailable())
+            self._position_waiters = []
 
     async def last_ids(self, topics: Sequence[str]) -> dict[str, str]:
         if not topics:
@@ -320,12 +407,6 @@ class RedisBroker(Broker):
             deadline = seconds * 1000 + micros // 1000 - ttl if ttl else "-inf"
             topics = await self._client.zrangebyscore(TOPICS_BY_TS, deadline, "+inf")
         return [_text(topic) for topic in topics]
-
-    async def position(self) -> EventId | None:
-        """The newest id Redis gave out, or None when Redis has no epoch (for the listener)."""
-        async with self._answer("position"):
-            epoch, seq = await self._client.hmget(META, ["epoch", "seq"])
-        return EventId(_text(epoch), int(seq or 0)) if epoch else None
 
     @contextlib.asynccontextmanager
     async def _answer(self, what: str) -> AsyncIterator[None]:
@@ -415,9 +496,14 @@ def _meta(raw: list[bytes | None], now: tuple[int, int]) -> _Meta:
                  now[0] * 1000 + now[1] // 1000)
 
 
-def _known(meta: _Meta, since: EventId | None) -> bool:
-    """Whether ``since`` is an id of the current epoch that Redis gave out."""
-    return since is None or (since.epoch == meta.epoch and since.seq <= meta.seq)
+def _settle(waiters: list[asyncio.Future[EventId]], outcome: EventId | Exception) -> None:
+    for waiter in waiters:
+        if waiter.done():
+            continue
+        if isinstance(outcome, Exception):
+            waiter.set_exception(outcome)
+        else:
+            waiter.set_result(outcome)
 
 
 def _entries(raw: list[tuple[bytes, dict[bytes, bytes]]]) -> list[StreamEntry]:

@@ -13,7 +13,8 @@ from typing import Any, NamedTuple
 
 import msgpack
 
-from server.codec import dump_msgpack
+from server.codec import MAX_DEPTH, check_value, dump_msgpack
+from server.errors import SquallError
 from server.events import Event, EventId
 from server.topics import SINGLE, TAIL
 
@@ -80,10 +81,12 @@ class StreamEntry(NamedTuple):
 
 
 def decode_event(payload: bytes) -> Event | None:
-    """The event in a payload, or None when it is not one of ours."""
+    """The event in a payload, or None when it is not one an event could be (not ours,
+    or data no codec could carry, stored before such data was refused)."""
     try:
         value = msgpack.unpackb(payload, raw=False, strict_map_key=False)
-    except (ValueError, TypeError, RecursionError, msgpack.UnpackException):
+        check_value(value, MAX_DEPTH + 1)  # the event's array holds the data
+    except (ValueError, TypeError, RecursionError, msgpack.UnpackException, SquallError):
         return None
     if not isinstance(value, list) or len(value) != 4:
         return None

@@ -8,13 +8,19 @@ received event is decoded once, checked against the patterns behind its glob wit
 Redis delivers the messages of one connection in publish order, and ids follow
 publish order, so one watermark (the last seq handed on) drops the second copy of
 an event that reaches the node through two subscriptions, and says where the node
-stood when the connection broke. After every reconnect the listener subscribes
-again, then reads each subscribed name's history after that watermark and hands on
-what it missed, in order, before any live event: nothing Redis accepted is lost to
-a subscription that stayed, and nothing is handed on twice. A name whose history
-cannot fill the gap (trimmed, expired, or Redis lost its data) is reported to
-``on_gap``. The connection is checked with a PING whenever it has been quiet; an
-unanswered one counts as a lost connection. Reconnects back off, capped.
+stood when the connection broke. Every session, the first included, reads Redis's
+position before it subscribes, subscribes, then reads each subscribed name's history
+after the watermark and hands on what it missed, in order, before any live event:
+nothing Redis accepted is lost to a subscription that stayed, and nothing is handed
+on twice. A name whose history cannot fill the gap (trimmed, expired) is reported to
+``on_gap``; when Redis lost its data (a new epoch), every name is, before any event
+of the new epoch is handed on, so that subscribers learn of the loss first.
+
+Health: the connection is pinged whenever it has been quiet for ``HEALTH_INTERVAL``;
+a pong overdue by ``UNREADY_AFTER`` makes the listener unready (``/readyz`` 503)
+until Redis answers, and one overdue by the broker timeout counts as a lost
+connection. Reconnects come every ``BACKOFF`` to ``MAX_BACKOFF`` seconds, doubling,
+reset after a session that got ready, and are logged at most every ``LOG_EVERY``.
 """
 
 from __future__ import annotations
@@ -38,9 +44,11 @@ from server.topics import is_pattern, matches
 
 log = logging.getLogger("squall.broker.redis")
 
-HEALTH_INTERVAL = 1.0  # seconds of silence before the connection is pinged
-BACKOFF = 0.1
-MAX_BACKOFF = 2.0
+HEALTH_INTERVAL = 0.25  # seconds of silence before the connection is pinged
+UNREADY_AFTER = 0.75  # seconds a pong may be late before the node turns unready
+BACKOFF = 0.025
+MAX_BACKOFF = 0.1
+LOG_EVERY = 10.0  # seconds between log lines about failing reconnects
 _FAILURES = (RedisError, OSError, TimeoutError, BrokerUnavailable)
 
 Message = dict[str, Any]
@@ -50,8 +58,8 @@ Backlog = list[tuple[bytes, bytes | None]]
 class Source(Protocol):
     """Where the listener reads what it missed."""
 
-    async def position(self) -> EventId | None:
-        """The newest id Redis has given out, or None when it has no epoch yet."""
+    async def position(self) -> EventId:
+        """The newest id Redis has given out (making its epoch if it has none)."""
 
     async def history(self, name: str, since: str | None, limit: int | None = None) -> Replay:
         """Every retained event of ``name`` after ``since``, or ``recovered=False``."""
@@ -71,51 +79,53 @@ class Listener:
         self._globs: dict[bytes, set[str]] = {}
         self._acks: dict[bytes, list[asyncio.Future[None]]] = {}
         self._pubsub: PubSub | None = None
-        self._epoch: str | None = None  # None until the first sync; "" while Redis has none
+        self._epoch: str | None = None  # None until the first session read a position
         self._seen = 0
-        self.ready = False
+        self._connected = False  # subscribed and caught up
+        self._late = False  # a ping is overdue
         self.first_sync = asyncio.Event()
         self.last_heard = 0.0  # loop time of the last message from Redis
+        self.reconnects = 0
+        self._sessions = 0
         self._was_ready = False
 
+    @property
+    def ready(self) -> bool:
+        """Subscribed, caught up, and Redis answers."""
+        return self._connected and not self._late
+
     def names(self) -> list[str]:
-        """The topics and patterns subscribed in Redis (or to be, once connected)."""
+        """The topics and patterns subscribed in Redis."""
         return list(self._refs)
 
     # -- subscriptions ---------------------------------------------------------------
 
     async def subscribe(self, name: str) -> None:
-        """Subscribe in Redis; returns once Redis confirmed, or the node is not connected.
+        """Subscribe in Redis; returns once Redis confirmed.
 
-        Never raises: a subscription that cannot be confirmed now is made on the
-        next reconnect, which also fills its gap.
+        Raises ``BrokerUnavailable`` (and subscribes nothing) when the listener is not
+        connected or Redis does not confirm within the timeout.
         """
+        pubsub = self._pubsub
+        if pubsub is None or not self._connected:
+            raise BrokerUnavailable("the broker is not connected; subscribe again later")
         self._refs[name] = self._refs.get(name, 0) + 1
         if self._refs[name] > 1:
             return  # an unsubscribe of this name is still on its way
         target = self._target(name)
         if is_pattern(name):
             self._globs.setdefault(target, set()).add(name)
-        pubsub = self._pubsub
-        if pubsub is not None:
+        try:
             await self._confirm(pubsub, name, target)
+        except BaseException:
+            self._forget(name)
+            raise
 
     async def unsubscribe(self, name: str) -> None:
         """Drop the Redis subscription when no local subscriber wants ``name``."""
-        refs = self._refs.get(name, 0) - 1
-        if refs > 0:
-            self._refs[name] = refs
-            return
-        self._refs.pop(name, None)
-        target = self._target(name)
-        if is_pattern(name):
-            patterns = self._globs.get(target, set())
-            patterns.discard(name)
-            if patterns:
-                return
-            self._globs.pop(target, None)
+        target = self._forget(name)
         pubsub = self._pubsub
-        if pubsub is None:
+        if target is None or pubsub is None:
             return
         try:
             async with asyncio.timeout(self._timeout):
@@ -125,6 +135,23 @@ class Listener:
                     await pubsub.unsubscribe(target)
         except _FAILURES as exc:
             log.warning("redis unsubscribe from %s failed: %s", name, _describe(exc))
+
+    def _forget(self, name: str) -> bytes | None:
+        """Count one subscriber of ``name`` out; the Redis target to drop, if it was
+        the last one (and no other pattern shares its glob)."""
+        refs = self._refs.get(name, 0) - 1
+        if refs > 0:
+            self._refs[name] = refs
+            return None
+        self._refs.pop(name, None)
+        target = self._target(name)
+        if is_pattern(name):
+            patterns = self._globs.get(target, set())
+            patterns.discard(name)
+            if patterns:
+                return None
+            self._globs.pop(target, None)
+        return target
 
     @staticmethod
     def _target(name: str) -> bytes:
@@ -141,8 +168,8 @@ class Listener:
                     await pubsub.subscribe(target)
                 await ack
         except _FAILURES as exc:
-            log.warning("redis subscribe to %s not confirmed (%s); it is made on reconnect",
-                        name, _describe(exc))
+            log.warning("redis subscribe to %s not confirmed: %s", name, _describe(exc))
+            raise BrokerUnavailable("the broker did not confirm the subscribe") from None
         finally:
             waiting = self._acks.get(target, [])
             if ack in waiting:
@@ -155,14 +182,21 @@ class Listener:
     async def run(self) -> None:
         """Listen forever, reconnecting with capped backoff (run it supervised)."""
         delay = BACKOFF
+        failures = 0
+        quiet_until = 0.0
+        loop = asyncio.get_running_loop()
         while True:
-            self._was_ready = False
             try:
                 await self._session()
             except _FAILURES as exc:
-                delay = BACKOFF if self._was_ready else delay
-                log.warning("redis listener lost its connection (%s); reconnecting in %.1fs",
-                            _describe(exc), delay)
+                if self._was_ready:  # a healthy session ended: start the backoff afresh
+                    delay, failures, self._was_ready = BACKOFF, 0, False
+                failures += 1
+                if loop.time() >= quiet_until:
+                    log.warning("redis listener lost its connection (%s); reconnecting "
+                                "every %.2fs at most (%d failed attempts)", _describe(exc),
+                                MAX_BACKOFF, failures)
+                    quiet_until = loop.time() + LOG_EVERY
             await asyncio.sleep(delay)
             delay = min(delay * 2, MAX_BACKOFF)
 
@@ -171,17 +205,22 @@ class Listener:
         try:
             async with asyncio.timeout(self._timeout):
                 await pubsub.connect()  # type: ignore[no-untyped-call]
+                start = await self._source.position()  # before subscribing: none missed
                 self._pubsub = pubsub
                 await self._subscribe_all(pubsub)
                 backlog = await self._sync(pubsub)
-            await self._catch_up(backlog)
+            await self._catch_up(start, backlog)
+            self._sessions += 1
+            if self._sessions > 1:
+                self.reconnects += 1
             self.last_heard = asyncio.get_running_loop().time()
-            self.ready = self._was_ready = True
+            self._connected = self._was_ready = True
+            self._late = False
             self.first_sync.set()
             log.info("redis listener subscribed to %d names", len(self._refs))
             await self._pump(pubsub)
         finally:
-            self.ready = False
+            self._connected = False
             self._pubsub = None
             self._release_acks()
             with contextlib.suppress(*_FAILURES):
@@ -211,18 +250,27 @@ class Listener:
         pinged: float | None = None
         loop = asyncio.get_running_loop()
         while True:
-            wait = HEALTH_INTERVAL if pinged is None else pinged + self._timeout - loop.time()
+            if pinged is None:
+                wait = HEALTH_INTERVAL
+            elif not self._late:
+                wait = pinged + UNREADY_AFTER - loop.time()
+            else:
+                wait = pinged + self._timeout - loop.time()
             message = await pubsub.get_message(timeout=max(wait, 0.001))
+            now = loop.time()
             if message is not None:
-                pinged = None
-                self.last_heard = loop.time()
+                pinged, self._late = None, False
+                self.last_heard = now
                 self._handle(message, None)
             elif pinged is None:
                 async with asyncio.timeout(self._timeout):
                     await pubsub.ping()
-                pinged = loop.time()
-            elif loop.time() >= pinged + self._timeout:
+                pinged = now
+            elif now >= pinged + self._timeout:
                 raise TimeoutError(f"no answer to a ping within {self._timeout:g}s")
+            elif now >= pinged + UNREADY_AFTER and not self._late:
+                self._late = True
+                log.warning("redis does not answer a ping; not ready until it does")
 
     def _release_acks(self) -> None:
         for waiting in self._acks.values():
@@ -264,51 +312,26 @@ class Listener:
 
     # -- catching up -------------------------------------------------------------------
 
-    async def _catch_up(self, backlog: Backlog) -> None:
-        """Hand on what the subscribed names missed while disconnected, then the backlog."""
-        current = await self._source.position()
-        if self._epoch is not None and self._refs:
-            since = self._since(current)
-            events: list[Event] = []
-            if since is None:
-                gaps = list(self._refs)
-            else:
-                events, gaps = await self._missed(list(self._refs), since)
+    async def _catch_up(self, start: EventId, backlog: Backlog) -> None:
+        """Hand on what the subscribed names missed since the watermark, then the
+        backlog. ``start`` is Redis's position read before this session subscribed."""
+        if self._epoch is None:
+            self._epoch, self._seen = start.epoch, start.seq  # first session
+        elif self._epoch != start.epoch:
+            for name in list(self._refs):  # Redis lost what came after our watermark
+                self._report_gap(name)
+            self._epoch, self._seen = start.epoch, start.seq
+        if self._refs:
+            events, gaps = await self._missed(list(self._refs),
+                                              str(EventId(self._epoch, self._seen)))
             for name in gaps:
                 self._report_gap(name)
             for event in events:
                 self._accept(event)
-        self._advance(current, backlog)
         for payload, pattern in backlog:
             self._receive(payload, pattern)
 
-    def _advance(self, current: EventId | None, backlog: Backlog) -> None:
-        """Move the watermark up to what Redis had given out when it was read, but not
-        past the live events received since the subscriptions were made."""
-        if current is None:
-            if self._epoch != "":
-                self._epoch, self._seen = "", 0
-            return
-        seq = current.seq
-        first = decode_event(backlog[0][0]) if backlog else None
-        if first is not None and first.id.rpartition("-")[0] == current.epoch:
-            seq = min(seq, first.seq - 1)
-        if self._epoch != current.epoch or self._seen < seq:
-            self._epoch, self._seen = current.epoch, seq
-
-    def _since(self, current: EventId | None) -> str | None:
-        """Where to read the missed events from; None when they are lost for good."""
-        if current is None:
-            return None if self._epoch else ""
-        if self._epoch == current.epoch:
-            return str(EventId(current.epoch, self._seen))
-        if self._epoch == "":
-            return str(EventId(current.epoch, 0))  # Redis got its epoch while we were away
-        return None
-
     async def _missed(self, names: list[str], since: str) -> tuple[list[Event], list[str]]:
-        if not since:
-            return [], []
         replays = await asyncio.gather(*(self._source.history(name, since) for name in names),
                                        return_exceptions=True)
         found: dict[int, Event] = {}
@@ -318,6 +341,7 @@ class Listener:
                 raise replay
             if not replay.recovered:
                 gaps.append(name)
+                continue
             for event in replay.events:
                 found[event.seq] = event
         return [found[seq] for seq in sorted(found)], gaps

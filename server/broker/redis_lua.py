@@ -22,8 +22,24 @@ broker needs a standalone Redis (or a primary with replicas), not Redis Cluster.
 Returns per event ``{1 new | 0 duplicate, "<id> <ts>"}``.
 """
 
-PUBLISH = r"""
+# The epoch, made when Redis has none (first use, or Redis lost its data); topic
+# indexes left from a lost epoch go with it. KEYS as for PUBLISH; ARGV[1] the candidate.
+_EPOCH = r"""
 local meta, by_seq, by_ts, gone = KEYS[1], KEYS[2], KEYS[3], KEYS[4]
+local epoch = redis.call('HGET', meta, 'epoch')
+if not epoch then
+  epoch = ARGV[1]
+  redis.call('DEL', by_seq, by_ts, gone)
+  redis.call('HSET', meta, 'epoch', epoch, 'seq', 0, 'forgotten', 0)
+end
+"""
+
+# The newest id given out, as {epoch, seq}: the position a new subscription starts at.
+POSITION = _EPOCH + r"""
+return {epoch, redis.call('HGET', meta, 'seq')}
+"""
+
+PUBLISH = _EPOCH + r"""
 local size, ttl = tonumber(ARGV[2]), tonumber(ARGV[3])
 local max_topics, dedupe = tonumber(ARGV[4]), tonumber(ARGV[5])
 local channel_prefix, stream_prefix, key_prefix = ARGV[6], ARGV[7], ARGV[8]
@@ -31,13 +47,6 @@ local events = cmsgpack.unpack(ARGV[9])
 
 local now = redis.call('TIME')
 local ts = tonumber(now[1]) * 1000 + math.floor(tonumber(now[2]) / 1000)
-
-local epoch = redis.call('HGET', meta, 'epoch')
-if not epoch then
-  epoch = ARGV[1]
-  redis.call('DEL', by_seq, by_ts, gone)
-  redis.call('HSET', meta, 'epoch', epoch, 'seq', 0, 'forgotten', 0)
-end
 
 local function append(stream, seq, payload, prev)
   local id = seq .. '-0'
