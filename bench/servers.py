@@ -64,7 +64,8 @@ class Server:
 
 
 # every load generator connection comes from one address: lift the per-client limits
-UNLIMITED = ["--max-connections-per-ip", "0", "--frame-rate", "0", "--publish-rate", "0"]
+UNLIMITED = ["--max-connections-per-ip", "0", "--max-http-connections-per-ip", "0",
+             "--frame-rate", "0", "--publish-rate", "0"]
 
 
 def free_port() -> int:

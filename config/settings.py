@@ -101,6 +101,22 @@ class Settings:
                                       minimum=1)
     max_bad_frames: int = _setting(20, "bad frames a connection may send before it is "
                                    "closed with 4000", group="limits", minimum=1)
+    max_http_connections: int = _setting(20_000, "TCP connections (HTTP and WebSocket) this "
+                                         "process holds at most; ones waiting for a request "
+                                         "make room for new ones (0: no limit)",
+                                         group="limits", minimum=0)
+    max_http_connections_per_ip: int = _setting(2000, "TCP connections per client address; "
+                                                "its ones waiting for a request make room "
+                                                "for new ones (0: no limit)", group="limits",
+                                                minimum=0)
+    header_timeout: float = _setting(20.0, "seconds a client has to send a request's "
+                                     "headers; also how long an idle keep-alive "
+                                     "connection stays open", group="limits", minimum=0.1)
+    body_timeout: float = _setting(60.0, "seconds a client has to send a request's body",
+                                   group="limits", minimum=0.1)
+    max_header_bytes: int = _setting(64 * KiB, "largest request head (request line and "
+                                     "headers), in bytes (431 above)", group="limits",
+                                     minimum=1024)
     max_connections: int = _setting(20_000, "WebSocket connections this process holds at "
                                     "most; more are closed with 4029 (0: no limit)",
                                     group="limits", minimum=0)

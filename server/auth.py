@@ -231,7 +231,8 @@ class Auth:
         sub, exp = claims["sub"], claims["exp"]
         if not isinstance(sub, str):
             raise Unauthorized("the token's 'sub' claim must be a string")
-        if isinstance(exp, bool) or not isinstance(exp, int | float) or math.isnan(exp):
+        if isinstance(exp, bool) or not isinstance(exp, int | float) or (
+                isinstance(exp, float) and math.isnan(exp)):
             raise Unauthorized("the token's 'exp' claim must be a number (seconds since 1970)")
         rights = claims.get(CLAIM, {})
         if not isinstance(rights, dict):

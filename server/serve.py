@@ -9,25 +9,29 @@ exits when every worker has.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import os
+import resource
 import signal
 import socket
 import time
 from collections.abc import Callable
 
-from tornado.httpserver import HTTPServer
 from tornado.netutil import bind_sockets
+from tornado.web import Application
 
 from config.settings import Settings, SettingsError
 from server import extensions
 from server.app import make_app
+from server.httpserver import Connections, SquallHTTPServer, server_metrics
 from server.logs import setup_logging
 from server.node import Node
 
 log = logging.getLogger("squall")
 
 LISTEN_BACKLOG = 4096
+SPARE_FILES = 256  # descriptors kept for Redis, webhooks, logs and the like
 _STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT)
 EARLY_EXIT = 5.0  # seconds: a worker that dies sooner is failing to start, not crashing
 RESTART_DELAY = 1.0
@@ -136,8 +140,7 @@ def _exit_status(wait_status: int) -> int:
 async def _serve(settings: Settings, sockets: list[socket.socket]) -> int:
     node = Node(settings)
     await node.start()
-    server = HTTPServer(make_app(node), xheaders=settings.trust_proxy_headers, max_body_size=max(
-        settings.max_batch_bytes, settings.max_event_bytes) + 65536)
+    server = http_server(node)
     server.add_sockets(sockets)
     _warn_if_open(settings)
     port = sockets[0].getsockname()[1]
@@ -151,7 +154,7 @@ async def _serve(settings: Settings, sockets: list[socket.socket]) -> int:
     return await _shutdown(node, server, settings.shutdown_timeout)
 
 
-async def _shutdown(node: Node, server: HTTPServer, timeout: float) -> int:
+async def _shutdown(node: Node, server: SquallHTTPServer, timeout: float) -> int:
     """Stop accepting, close WebSockets with 1001, finish in-flight requests."""
     log.info("shutting down (up to %.0fs)", timeout)
     server.stop()
@@ -163,6 +166,40 @@ async def _shutdown(node: Node, server: HTTPServer, timeout: float) -> int:
     await node.close()
     log.info("stopped")
     return 0
+
+
+def http_server(node: Node, app: Application | None = None) -> SquallHTTPServer:
+    """The node's HTTP server (for ``app``, by default the node's own), with its
+    connection bounds and timeouts; its counters go to the node's metrics."""
+    settings = node.settings
+    most = connection_budget(settings.max_http_connections)
+    server = SquallHTTPServer(
+        app or make_app(node), xheaders=settings.trust_proxy_headers,
+        max_body_size=max(settings.max_batch_bytes, settings.max_event_bytes) + 65536,
+        max_header_size=settings.max_header_bytes,
+        idle_connection_timeout=settings.header_timeout, body_timeout=settings.body_timeout,
+        connections=Connections(most, settings.max_http_connections_per_ip))
+    node.metric_sources.append(lambda: server_metrics(server))
+    return server
+
+
+def connection_budget(wanted: int) -> int:
+    """``wanted`` connections (0: as many as fit), within the open-file limit (raised to
+    its hard limit first) less ``SPARE_FILES`` for everything else the process opens."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if hard != resource.RLIM_INFINITY and soft < hard:
+        with contextlib.suppress(ValueError, OSError):
+            resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+            soft = hard
+    if soft == resource.RLIM_INFINITY:
+        return wanted
+    fits = max(soft - SPARE_FILES, 1)
+    if wanted == 0 or wanted > fits:
+        if wanted:
+            log.warning("max_http_connections %d does not fit the open-file limit %d; "
+                        "using %d", wanted, soft, fits)
+        return fits
+    return wanted
 
 
 def _warn_if_open(settings: Settings) -> None:

@@ -22,7 +22,9 @@ from tornado.web import Application
 
 from config.settings import Settings
 from server.app import make_app
+from server.httpserver import SquallHTTPServer
 from server.node import Node
+from server.serve import http_server as http_server_for
 
 TIMEOUT = 10.0
 
@@ -47,6 +49,21 @@ def node(squall_settings: Settings, io_loop: IOLoop) -> Any:
 @pytest.fixture
 def app(node: Node) -> Application:
     return make_app(node)
+
+
+@pytest.fixture
+def http_server(request: pytest.FixtureRequest, io_loop: IOLoop, _unused_port: Any) -> Any:
+    """The production HTTP server (bounds, timeouts, JSON errors) for the ``app``
+    fixture, on pytest-tornado's port; pytest-tornado's own serves plain Tornado."""
+    application = request.getfixturevalue("app")
+    if "node" in request.fixturenames:
+        server = http_server_for(request.getfixturevalue("node"), application)
+    else:
+        server = SquallHTTPServer(application)
+    server.add_sockets([_unused_port[0]])
+    yield server
+    server.stop()
+    io_loop.run_sync(server.close_all_connections, timeout=TIMEOUT)
 
 
 @pytest.fixture

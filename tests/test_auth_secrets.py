@@ -109,7 +109,6 @@ def test_no_secret_in_any_log_line_or_response(log_format):
         answers = exercise(server)
     log = "".join(server.log)
     assert "debug" in log.lower() and "token=***" in log  # verbose, and URLs were logged
-    assert "Invalid unicode" in log  # Tornado's own warning, naming the request
     assert log.count(" 401 ") + log.count('"status": 401') >= 5  # the refusals were logged
     for secret in SECRETS:
         assert secret not in log, f"a secret is in the log: {secret[:6]}..."

@@ -92,8 +92,16 @@ def test_ttl_zero_means_no_age_limit_and_size_zero_no_history():
     assert none.since("a", seen) == ([], False)
 
 
+def test_an_id_of_another_epoch_gets_everything_retained_and_the_loss():
+    log = Log(size=2)
+    for n in range(3):
+        log.publish("a")
+    log.publish("b")
+    assert log.since("a", "otherepoch-1") == ([f"{EPOCH}-2", f"{EPOCH}-3"], False)
+    assert log.since("*", "otherepoch-9") == ([f"{EPOCH}-{n}" for n in (2, 3, 4)], False)
+
+
 @pytest.mark.parametrize("since", [
-    "otherepoch-1",  # unknown epoch: an earlier incarnation of the server
     "not-an-id", "", "ep0ch-", "ep0ch-x1", "-5", "ep0ch-999",  # malformed, or from the future
     "ep0ch-٣",  # a digit, but not an ASCII one
 ])

@@ -101,11 +101,29 @@ async def test_unrecoverable_resume_says_so_and_replays_nothing(ws_connect, publ
     for n in range(1, 10):
         await publish("t", n)
     resumed = await ws_connect()
-    for since in (old_id, "zzzz-1", "garbage"):
+    for since in (old_id, "garbage", f"{old_id.rpartition('-')[0]}-999"):
         reply = await resumed.subscribe("t", since=since)
         assert reply["recovered"] is False
     await publish("t", "live")
     assert (await resumed.recv_type("event"))["data"] == "live"
+
+
+@pytest.mark.settings(history_size=5)
+async def test_a_resume_from_a_forgotten_epoch_gets_everything_retained_now(ws_connect,
+                                                                           publish):
+    """An id of an epoch whose history is gone (the server restarted): the loss is said,
+    and every event retained since comes first, so nothing accepted since is lost."""
+    ids = [json.loads((await publish("fe.t", n)).body)["id"] for n in range(8)]
+    epoch = ids[0].rpartition("-")[0]
+    forgotten = ("y" if epoch[0] == "z" else "z") + epoch[1:] + "-3"
+    client = await ws_connect()
+    await client.send({"type": "subscribe", "topic": "fe.*", "since": forgotten, "ref": 7})
+    replayed = await client.events(5)
+    assert [event["data"] for event in replayed] == [3, 4, 5, 6, 7]
+    reply = await client.recv_type("subscribed")
+    assert (reply["recovered"], reply["ref"], reply["last_id"]) == (False, 7, ids[-1])
+    await publish("fe.t", "live")
+    assert (await client.recv_type("event"))["data"] == "live"
 
 
 async def test_pattern_subscription_resumes_across_matching_topics(ws_connect, publish):
@@ -137,8 +155,10 @@ async def test_history_endpoint(http_client, base_url, publish):
                                  "ts": body["events"][0]["ts"], "data": 0}
     code, body = await get(f"/v1/topics/hist.a/events?since={ids[1]}&limit=2")
     assert [event["data"] for event in body["events"]] == [2, 3]
-    code, body = await get("/v1/topics/hist.a/events?since=old-1")
+    code, body = await get("/v1/topics/hist.a/events?since=garbage")
     assert (body["events"], body["recovered"]) == ([], False)
+    code, body = await get("/v1/topics/hist.a/events?since=old-1")  # a forgotten epoch
+    assert ([event["id"] for event in body["events"]], body["recovered"]) == (ids, False)
     code, body = await get("/v1/topics/nothing.here/events")
     assert (code, body["events"], body["recovered"]) == (200, [], True)
 
