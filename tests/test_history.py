@@ -94,7 +94,7 @@ def test_ttl_zero_means_no_age_limit_and_size_zero_no_history():
 
 def test_an_id_of_another_epoch_gets_everything_retained_and_the_loss():
     log = Log(size=2)
-    for n in range(3):
+    for _ in range(3):
         log.publish("a")
     log.publish("b")
     assert log.since("a", "otherepoch-1") == ([f"{EPOCH}-2", f"{EPOCH}-3"], False)
