@@ -12,10 +12,11 @@ Whatever is wrong with the command line or a setting is one line on stderr, star
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 
 from config.cli import PROG, Parser
-from config.settings import CONFIG_VARIABLE, SettingsError, load_settings
+from config.settings import CONFIG_VARIABLE, SettingsError, load_settings, unknown_variables
 
 USAGE_ERROR = 2
 
@@ -29,6 +30,8 @@ def main(argv: list[str] | None = None) -> int:
     except SettingsError as exc:
         print(f"squall: {exc}", file=sys.stderr)
         return USAGE_ERROR
+    for warning in unknown_variables(os.environ):
+        print(f"squall: {warning}", file=sys.stderr)
     from server.serve import serve
 
     return serve(settings)

@@ -261,6 +261,15 @@ def _from_env(environ: Mapping[str, str]) -> dict[str, tuple[Any, str]]:
     return found
 
 
+def unknown_variables(environ: Mapping[str, str]) -> list[str]:
+    """A warning for each ``SQUALL_*`` variable that names no setting (it is ignored:
+    other software may share the prefix, as Kubernetes' service variables do)."""
+    known = {variable(name) for name in FIELDS} | {CONFIG_VARIABLE}
+    return [f"warning: {key} names no setting and is ignored"
+            f"{_did_you_mean(key, sorted(known))}"
+            for key in sorted(environ) if key.startswith(ENV_PREFIX) and key not in known]
+
+
 # -- values ---------------------------------------------------------------------------
 
 

@@ -133,6 +133,17 @@ def test_bad_settings_are_one_line_naming_setting_value_source_and_rule(
     assert str(bad.value) == message.format(toml=config)
 
 
+def test_unknown_variables_are_named_and_ignored():
+    environ = {"SQUALL_PROT": "1", "SQUALL_SERVICE_HOST": "10.0.0.1", "SQUALL_CONFIG": "",
+               "SQUALL_PORT": "9000", "OTHER": "x"}
+    assert load_settings([], environ=environ).port == 9000
+    from config.settings import unknown_variables
+
+    assert unknown_variables(environ) == [
+        "warning: SQUALL_PROT names no setting and is ignored (did you mean 'SQUALL_PORT'?)",
+        "warning: SQUALL_SERVICE_HOST names no setting and is ignored"]
+
+
 def test_a_bad_secret_is_named_but_never_shown():
     with pytest.raises(SettingsError) as bad:
         load_settings([], environ={"SQUALL_JWT_SECRET": "s3cret", "SQUALL_API_KEYS": "k1",
