@@ -181,7 +181,8 @@ class Settings:
 
     @property
     def auth_enabled(self) -> bool:
-        return bool(self.api_keys or self.jwt_secret or self.jwt_public_key)
+        return bool(self.api_keys or self.jwt_secret or self.jwt_public_key
+                    or self.auth_webhook_url)
 
     def redacted(self) -> dict[str, Any]:
         """The settings with every secret masked, fit for logs."""

@@ -322,7 +322,10 @@ class Session:
         elif isinstance(command, Unsubscribe):
             await hub.unsubscribe(connection, command.topic, command.ref)
         elif isinstance(command, Publish):
-            self.rights.check_publish(command.topic)
+            if self.node.auth_hook is not None:
+                await self.node.auth_hook.publish(connection.info, self.rights, command.topic)
+            else:
+                self.rights.check_publish(command.topic)
             await self._publish(command, size)
         elif isinstance(command, Ping):
             connection.send(with_ref({"type": "pong"}, command.ref))

@@ -15,8 +15,9 @@ Credentials (docs/protocol.md, Auth):
 - No credential: anonymous, which may subscribe to ``public_topics`` and publish
   nowhere. A credential that is present but bad is refused (401, or close 4001), never
   downgraded to anonymous. An empty ``?token=`` counts as none.
-- With no API key and no JWT key configured, auth is off and everyone may do
-  everything (the server warns at start).
+- With no API key, no JWT key and no authorization webhook configured, auth is off
+  and everyone may do everything (the server warns at start). An authorization
+  webhook alone turns it on: clients start anonymous and the webhook grants more.
 
 A subscription pattern is allowed when every topic it can match is matched by one
 granted pattern (``covers``): ``orders.*`` is covered by ``orders.*`` and ``orders.>``,
@@ -29,7 +30,8 @@ server keeps one way in for credentials instead of two.
 
 Secrets never leave this module in a message: errors name what is wrong (expired,
 bad signature), never the token, the key or the secret. ``redacted_uri`` masks
-``token`` in URLs before they are logged.
+every credential-looking query parameter (``token``, ``api_key``, ...) in URLs
+before they are logged.
 """
 
 from __future__ import annotations
@@ -143,7 +145,8 @@ class Auth:
 
     def __init__(self, *, api_keys: Sequence[str] = (), jwt_secret: str = "",
                  public_key: Any = None, public_algorithm: str = "",
-                 public_topics: Sequence[str] = (), allowed_origins: Sequence[str] = ()) -> None:
+                 public_topics: Sequence[str] = (), allowed_origins: Sequence[str] = (),
+                 backend_decides: bool = False) -> None:
         self._api_keys = tuple(key.encode() for key in api_keys)
         self._keys: dict[str, Any] = {}
         if jwt_secret:
@@ -151,7 +154,8 @@ class Auth:
         if public_key is not None:
             self._keys[public_algorithm] = public_key
         self._short_secret = 0 < len(jwt_secret.encode()) < MIN_SECRET_BYTES
-        self.enabled = bool(self._api_keys or self._keys)
+        # an authorization webhook turns auth on: the backend decides, never nobody
+        self.enabled = bool(self._api_keys or self._keys or backend_decides)
         self.public = Grant(sub=None, subscribe=tuple(public_topics), anonymous=True)
         self.origins = _Origins(allowed_origins)
         if self._short_secret:
@@ -168,7 +172,8 @@ class Auth:
         return cls(api_keys=settings.api_keys, jwt_secret=settings.jwt_secret,
                    public_key=key, public_algorithm=algorithm,
                    public_topics=settings.public_topics,
-                   allowed_origins=settings.allowed_origins)
+                   allowed_origins=settings.allowed_origins,
+                   backend_decides=bool(settings.auth_webhook_url))
 
     def http_grant(self, authorization: str | None) -> Grant:
         """The grant of an HTTP request with this ``Authorization`` header."""
@@ -196,7 +201,9 @@ class Auth:
                 return Grant(sub=None, subscribe=EVERYTHING, publish=EVERYTHING,
                              limit_key=f"key:{index}")
         if not self._keys:
-            raise Unauthorized("not a known API key")
+            raise Unauthorized("not a known API key" if self._api_keys else
+                               "this server takes no credentials: its authorization "
+                               "webhook decides")
         return self._token_grant(self._decode(credential))
 
     def _key_index(self, offered: bytes) -> int | None:
@@ -355,13 +362,25 @@ def request_summary(request: HTTPServerRequest) -> str:
     return f"{request.method} {redacted_uri(request.uri or '')} ({request.remote_ip})"
 
 
+# query parameter names whose values are masked in logs: any name holding one of these
+CREDENTIAL_WORDS = ("token", "key", "secret", "password", "passwd", "auth", "sig",
+                    "session", "jwt", "credential", "cookie")
+
+
+def is_credential(name: str) -> bool:
+    """Whether a query parameter's name says its value is a credential."""
+    lowered = name.lower()
+    return any(word in lowered for word in CREDENTIAL_WORDS)
+
+
 def redacted_uri(uri: str) -> str:
-    """``uri`` with the value of every ``token`` query parameter masked, for logs."""
+    """``uri`` with the value of every credential-looking query parameter masked
+    (``token``, ``api_key``, ``access_token``, ``key``, ...), for logs."""
     path, _, raw_query = uri.partition("?")  # as Tornado splits it: '#' is no delimiter
     if not raw_query:
         return uri
     query = parse_qsl(raw_query, keep_blank_values=True)
-    if all(name != "token" for name, _ in query):
+    if not any(is_credential(name) for name, _ in query):
         return uri
-    masked = [(name, "***" if name == "token" else value) for name, value in query]
+    masked = [(name, "***" if is_credential(name) else value) for name, value in query]
     return f"{path}?{urlencode(masked, safe='*.>:@')}"

@@ -1,7 +1,8 @@
 """The authorization webhook: the team's own backend approves connects and subscribes.
 
-With ``auth_webhook_url`` set, Squall asks the backend before it admits a WebSocket
-and before a subscribe that the client's grant does not already cover. Each question
+With ``auth_webhook_url`` set, auth is on (even without API keys or JWT keys), and
+Squall asks the backend before it admits a WebSocket, and before a subscribe or a
+WebSocket publish that the client's grant does not already cover. Each question
 is ``POST <url>`` with ``Content-Type: application/json``, signed like every webhook
 (``X-Squall-Signature: sha256=<hex>``, HMAC-SHA256 of the body under
 ``auth_webhook_secret``)::
@@ -12,6 +13,7 @@ is ``POST <url>`` with ``Content-Type: application/json``, signed like every web
                  "user_agent": "...", "query": {"room": ["42"]}}}
 
     {"action": "subscribe", "node": "squall-1", "client": {...}, "topic": "orders.*"}
+    {"action": "publish", "node": "squall-1", "client": {...}, "topic": "chat.room1"}
 
 The backend answers ``200`` with ``{"allow": true}`` or ``{"allow": false, "reason":
 "..."}``. A connect answer may also name who the client is and what it may do:
@@ -75,6 +77,12 @@ class AuthHook:
         if grant.may_subscribe(topic):
             return
         await self._ask({"action": "subscribe", "client": client.as_dict(), "topic": topic})
+
+    async def publish(self, client: ClientInfo, grant: Grant, topic: str) -> None:
+        """Return if a client may publish to ``topic``, by its grant or by the backend."""
+        if grant.may_publish(topic):
+            return
+        await self._ask({"action": "publish", "client": client.as_dict(), "topic": topic})
 
     async def _ask(self, question: dict[str, Any]) -> dict[str, Any]:
         body = dump_json({**question, "node": self._node})

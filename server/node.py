@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import socket
 from collections.abc import Sequence
+from typing import NamedTuple
 
 from config.settings import Settings
 from server import extensions, signals
@@ -19,6 +21,14 @@ from server.ratelimit import Limits
 from server.topics import is_pattern
 
 log = logging.getLogger("squall.node")
+
+LISTING_TTL = 1.0  # seconds one computed topic listing serves GET /v1/topics
+
+
+class TopicEntry(NamedTuple):
+    topic: str
+    subscribers: int
+    last_id: str | None
 
 CLOSE_GOING_AWAY = 1001
 CLOSE_EVENTS_LOST = 4009
@@ -52,6 +62,8 @@ class Node:
             lambda: extensions.extension_metrics(self.webhooks, self.auth_hook))
         self.broker.on_gap = self._on_gap
         self.broker.local_counts = self._count_local
+        self._listing: asyncio.Task[list[TopicEntry]] | None = None
+        self._listing_until = 0.0
 
     async def start(self) -> None:
         await self.broker.start(self.hub.deliver)
@@ -84,6 +96,34 @@ class Node:
     @property
     def ready(self) -> bool:
         return not self.shutting_down and self.broker.ready
+
+    async def topic_listing(self) -> list[TopicEntry]:
+        """Every topic with subscribers on some node or retained history, with its
+        cluster-wide subscriber count and last id, sorted; computed at most once per
+        ``LISTING_TTL`` seconds, however many ask meanwhile (callers filter by grant)."""
+        loop = asyncio.get_running_loop()
+        cached = self._listing
+        if cached is not None and (not cached.done() or loop.time() < self._listing_until):
+            return await asyncio.shield(cached)
+        self._listing = loop.create_task(self._list_topics())
+        try:
+            return await asyncio.shield(self._listing)
+        finally:
+            self._listing_until = loop.time() + LISTING_TTL
+
+    async def _list_topics(self) -> list[TopicEntry]:
+        try:
+            broker = self.broker
+            subscribed = [name for name, _ in self.hub.router.names() if not is_pattern(name)]
+            retained = await broker.retained_topics()
+            counts = await broker.subscriber_counts(sorted(set(subscribed).union(retained)))
+            topics = sorted(set(retained).union(topic for topic, n in counts.items() if n))
+            last_ids = await broker.last_ids(topics)
+        except BaseException:
+            self._listing = None  # a failure is not kept: the next caller tries again
+            raise
+        return [TopicEntry(topic, counts.get(topic, 0), last_ids.get(topic))
+                for topic in topics]
 
     def _on_gap(self, name: str) -> None:
         self.hub.close_subscribers(name, CLOSE_EVENTS_LOST, "events lost; resume with since")

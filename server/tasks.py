@@ -15,23 +15,36 @@ log = logging.getLogger("squall.tasks")
 
 
 def supervise(name: str, run: Callable[[], Awaitable[None]],
-              backoff: float = 0.5, max_backoff: float = 30.0) -> asyncio.Task[None]:
-    """Run ``run()`` in a task that restarts it after failures or an early return."""
+              backoff: float = 0.5, max_backoff: float = 30.0,
+              healthy_after: float = 10.0) -> asyncio.Task[None]:
+    """Run ``run()`` in a task that restarts it after failures or an early return.
+
+    The delay before a restart starts at ``backoff`` and doubles up to ``max_backoff``;
+    a run that lasted ``healthy_after`` seconds or more starts it afresh.
+    """
     return asyncio.get_running_loop().create_task(
-        _supervisor(name, run, backoff, max_backoff), name=name)
+        _supervisor(name, run, backoff, max_backoff, healthy_after), name=name)
 
 
 async def _supervisor(name: str, run: Callable[[], Awaitable[None]],
-                      backoff: float, max_backoff: float) -> None:
+                      backoff: float, max_backoff: float, healthy_after: float) -> None:
+    loop = asyncio.get_running_loop()
     delay = backoff
     while True:
+        started = loop.time()
+        failure: Exception | None = None
         try:
             await run()
-            log.warning("task %s returned; restarting it", name)
         except asyncio.CancelledError:
             raise
-        except Exception:
-            log.exception("task %s failed; restarting it in %.1fs", name, delay)
+        except Exception as exc:  # noqa: BLE001 - logged below with its traceback
+            failure = exc
+        if loop.time() - started >= healthy_after:
+            delay = backoff
+        if failure is None:
+            log.warning("task %s returned; restarting it in %.1fs", name, delay)
+        else:
+            log.error("task %s failed; restarting it in %.1fs", name, delay, exc_info=failure)
         await asyncio.sleep(delay)
         delay = min(delay * 2, max_backoff)
 

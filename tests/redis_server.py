@@ -46,11 +46,17 @@ def free_port() -> int:
 
 
 class RedisServer:
-    """One redis-server process on 127.0.0.1."""
+    """One redis-server process on 127.0.0.1.
 
-    def __init__(self, binary: str) -> None:
+    Without ``data_dir`` it keeps nothing across a restart; with one it persists to an
+    append-only file there, fsynced on every write (``appendfsync always``), so a
+    ``kill`` and a restart lose nothing.
+    """
+
+    def __init__(self, binary: str, data_dir: str | None = None) -> None:
         self.binary = binary
         self.port = free_port()
+        self.data_dir = data_dir
         self.process: subprocess.Popen[bytes] | None = None
         self.frozen = False
 
@@ -62,9 +68,11 @@ class RedisServer:
         return redis.Redis(host="127.0.0.1", port=self.port, socket_timeout=5)
 
     def start(self) -> RedisServer:
+        persistence = (["--appendonly", "yes", "--appendfsync", "always", "--dir",
+                        self.data_dir] if self.data_dir else ["--appendonly", "no"])
         self.process = subprocess.Popen(
             [self.binary, "--port", str(self.port), "--bind", "127.0.0.1", "--save", "",
-             "--appendonly", "no", "--protected-mode", "no", "--loglevel", "warning"],
+             *persistence, "--protected-mode", "no", "--loglevel", "warning"],
             stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT)
         deadline = time.monotonic() + START_TIMEOUT
         while time.monotonic() < deadline:
@@ -92,7 +100,7 @@ class RedisServer:
         self.process = None
 
     def kill(self) -> None:
-        """Die at once: every connection breaks, and the data is gone."""
+        """Die at once: every connection breaks, and without ``data_dir`` the data is gone."""
         assert self.process is not None
         self.thaw()
         self.process.kill()

@@ -323,8 +323,13 @@ def test_origins(allowed, origin, host, expected):
     ("/v1/ws?token=abc&token=abc2", "/v1/ws?token=***&token=***"),
     ("/v1/ws?topic=a&x=abc%", "/v1/ws?topic=a&x=abc%"),
     ("/v1/topics", "/v1/topics"),
+    ("/v1/topics/a/events?api_key=k1&limit=2", "/v1/topics/a/events?api_key=***&limit=2"),
+    ("/v1/ws?access_token=t&key=k&X-Api-Key=k&Password=p&since=a-1",
+     "/v1/ws?access_token=***&key=***&X-Api-Key=***&Password=***&since=a-1"),
+    ("/v1/ws?client_secret=s&jwt=j&session=s&sig=x",
+     "/v1/ws?client_secret=***&jwt=***&session=***&sig=***"),
 ])
-def test_tokens_are_masked_in_logged_uris(uri, expected):
+def test_credentials_are_masked_in_logged_uris(uri, expected):
     assert redacted_uri(uri) == expected
 
 

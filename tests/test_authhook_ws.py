@@ -40,6 +40,8 @@ class Backend:
     async def decide(self, question: dict[str, Any]) -> dict[str, Any]:
         if question["action"] == "subscribe":
             return {"allow": question["topic"] == "room.2"}
+        if question["action"] == "publish":
+            return {"allow": question["topic"] == "room.2"}
         user = question["request"]["query"].get("user", [""])[0]
         if user == "slow":
             await self.release.wait()
@@ -88,3 +90,18 @@ async def test_backend_denial_or_silence_closes_with_4003(backend, ws_url, user)
             await asyncio.wait_for(socket.recv(), 5)
     assert closed.value.rcvd is not None and closed.value.rcvd.code == 4003
     assert asyncio.get_running_loop().time() - started < 3
+
+
+@pytest.mark.gen_test(timeout=20)
+async def test_the_webhook_alone_turns_auth_on_and_decides_publishes(backend, ws_connect,
+                                                                     http_client, base_url):
+    response = await http_client.fetch(f"{base_url}/v1/topics/room.1/events", method="POST",
+                                       body="1", raise_error=False)
+    assert response.code == 401  # no credential can publish: auth is on, not off
+    client = await ws_connect(query="user=alice")
+    await client.send({"type": "publish", "topic": "room.2", "data": 2, "ref": 1})
+    assert (await client.recv_type("published"))["ref"] == 1
+    await client.send({"type": "publish", "topic": "room.3", "data": 3, "ref": 2})
+    assert (await client.recv_type("error"))["code"] == "forbidden"
+    asked = [(q["action"], q.get("topic")) for q in backend[0].questions]
+    assert asked == [("connect", None), ("publish", "room.2"), ("publish", "room.3")]

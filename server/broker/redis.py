@@ -83,6 +83,7 @@ from server.broker.redis_lua import POSITION, PUBLISH
 from server.errors import BrokerUnavailable, SquallError
 from server.events import Event, EventId
 from server.history import Replay, merge_replay, oldest
+from server.router import Router
 from server.tasks import stop, supervise
 from server.topics import is_pattern, matches
 
@@ -473,14 +474,21 @@ class RedisBroker(Broker):
 
 
 def _add_counts(totals: dict[str, int], topics: Iterable[str], counts: Mapping[str, int]) -> None:
-    """Add one other node's counts: its subscribers of each topic, and its named topics."""
-    named = [name for name in counts if not is_pattern(name)]
-    for topic in {*topics, *named}:
+    """Add one other node's counts: its subscribers of each topic, and its named topics.
+
+    A topic the node named carries its own count (the node counted its pattern
+    subscribers in already); any other topic gets the sum of the node's patterns that
+    match it, found through a router of those patterns (no topics x patterns scan).
+    """
+    patterns: Router[str] = Router()
+    for name in counts:
+        if is_pattern(name):
+            patterns.add(name, name)
+    for topic in {*topics, *(name for name in counts if not is_pattern(name))}:
         if topic in counts:
-            found = counts[topic]  # the node counted its pattern subscribers in already
+            found = counts[topic]
         else:
-            found = sum(count for name, count in counts.items()
-                        if is_pattern(name) and matches(name, topic))
+            found = sum(counts[name] for name in patterns.match(topic))
         if found:
             totals[topic] = totals.get(topic, 0) + found
 

@@ -44,8 +44,8 @@ from server.topics import is_pattern, matches
 
 log = logging.getLogger("squall.broker.redis")
 
-HEALTH_INTERVAL = 0.25  # seconds of silence before the connection is pinged
-UNREADY_AFTER = 0.75  # seconds a pong may be late before the node turns unready
+HEALTH_INTERVAL = 0.2  # seconds of silence before the connection is pinged
+UNREADY_AFTER = 0.6  # seconds a pong may be late before the node turns unready
 BACKOFF = 0.025
 MAX_BACKOFF = 0.1
 LOG_EVERY = 10.0  # seconds between log lines about failing reconnects
