@@ -154,4 +154,5 @@ def test_the_protocol_is_cited_where_it_is() -> None:
             cited = found.group()
             resolved = (path.parent / cited).resolve() if name.startswith("docs/") else None
             assert cited.endswith("docs/protocol.md") or (
-                resolved == ROOT / "docs/protocol.md"), f"{name} cites {cited}"
+                resolved == ROOT / "docs/protocol.md"), (
+                f"{name} cites {cited}: the protocol is docs/protocol.md")
