@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import math
 import os
 import tomllib
 from collections.abc import Mapping, Sequence
@@ -279,7 +280,10 @@ def convert(name: str, value: Any, source: str) -> Any:
     default = FIELDS[name].default
     try:
         if isinstance(default, tuple):
-            return _as_tuple(value)
+            items = _as_tuple(value)
+            if name != "webhooks" and not all(isinstance(item, str) for item in items):
+                raise ValueError
+            return items
         if isinstance(default, bool):
             return _as_bool(value)
         if isinstance(default, int):
@@ -316,10 +320,15 @@ def _as_number(value: Any, kind: type[int] | type[float]) -> int | float:
     if isinstance(value, bool):
         raise ValueError
     if isinstance(value, int | float) and (kind is float or isinstance(value, int)):
+        if not math.isfinite(value):
+            raise ValueError
         return value
     if not isinstance(value, str):
         raise ValueError
-    return kind(value.strip())
+    number = kind(value.strip())
+    if not math.isfinite(number):  # nan, inf and 1e999 are no durations or sizes
+        raise ValueError
+    return number
 
 
 def allowed(name: str) -> str:
@@ -336,8 +345,10 @@ def allowed(name: str) -> str:
         if low is not None and high is not None:
             return f"{noun} from {low:g} to {high:g}"
         return f"{noun} of at least {low:g}" if low is not None else noun
+    if name == "webhooks":
+        return "[[webhooks]] tables"
     if isinstance(default, tuple):
-        return "a TOML list, or comma-separated text"
+        return "a TOML list of strings, or comma-separated text"
     return "text"
 
 

@@ -112,6 +112,16 @@ def test_lists_from_env_are_comma_separated():
     ([], {"SQUALL_HOOKS": "myapp.hooks"}, "",
      "setting hooks (from SQUALL_HOOKS) can only be set in the TOML file given with --config "
      "or SQUALL_CONFIG"),
+    ([], {}, "api_keys = [1]",
+     "setting api_keys (from api_keys in {toml}): must be a TOML list of strings, or "
+     "comma-separated text"),
+    ([], {}, "webhooks = 3",
+     "setting webhooks = 3 (from webhooks in {toml}): must be [[webhooks]] tables"),
+    ([], {"SQUALL_HISTORY_TTL": "inf"}, "",
+     "setting history_ttl = 'inf' (from SQUALL_HISTORY_TTL): must be a number of at least 0"),
+    ([], {}, "ping_interval = nan",
+     "setting ping_interval = nan (from ping_interval in {toml}): must be a number of at "
+     "least 0"),
     ([], {}, "prot = 1",
      "unknown setting 'prot' in config file {toml} (did you mean 'port'?); run.py --help "
      "lists them all"),
@@ -142,6 +152,39 @@ def test_unknown_variables_are_named_and_ignored():
     assert unknown_variables(environ) == [
         "warning: SQUALL_PROT names no setting and is ignored (did you mean 'SQUALL_PORT'?)",
         "warning: SQUALL_SERVICE_HOST names no setting and is ignored"]
+
+
+ODD_VALUES = ["", " ", "x", "-1", "0", "1e999", "nan", "-inf", "99999999999999999999",
+              "1,2", "true", [1], ["a"], {"a": 1}, 3.5, True, -7]
+
+
+@pytest.mark.parametrize("name", [name for name in FIELDS if name != "webhooks"])
+def test_any_value_of_any_setting_loads_or_is_one_line(tmp_path, name):
+    """From the environment and from the file: a Settings, or one SettingsError line."""
+    import tomllib
+
+    config = tmp_path / "squall.toml"
+    for value in ODD_VALUES:
+        trials = [({}, {f"SQUALL_{name.upper()}": value})] if isinstance(value, str) else []
+        document = f"{name} = {_toml(value)}\n"
+        tomllib.loads(document)
+        config.write_text(document)
+        trials.append((["--config", str(config)], {}))
+        for argv, environ in trials:
+            try:
+                load_settings(argv, environ=environ)
+            except SettingsError as exc:  # also when another setting must agree with it
+                assert "\n" not in str(exc) and name in str(exc), str(exc)
+
+
+def _toml(value: object) -> str:
+    import json
+
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, dict):
+        return "{" + ", ".join(f"{key} = {json.dumps(item)}" for key, item in value.items()) + "}"
+    return json.dumps(value)
 
 
 def test_a_bad_secret_is_named_but_never_shown():
