@@ -31,7 +31,7 @@ QUEUE_HEADROOM = 16 * KiB  # a frame's header and envelope around its event's da
 
 
 class _Checker:
-    """Raises the error of one setting, naming the source of its value."""
+    """Makes the error of one setting, naming the source of its value."""
 
     def __init__(self, settings: Settings, sources: Mapping[str, str]) -> None:
         self.settings = settings
