@@ -156,3 +156,24 @@ def test_the_protocol_is_cited_where_it_is() -> None:
             assert cited.endswith("docs/protocol.md") or (
                 resolved == ROOT / "docs/protocol.md"), (
                 f"{name} cites {cited}: the protocol is docs/protocol.md")
+
+
+# a setting named in prose, then its default: "`signal_queue`, default 10,000",
+# "`--history-size` events (default 100)", "`SQUALL_SHUTDOWN_TIMEOUT` seconds (10 by default"
+_PROSE_DEFAULT = re.compile(
+    r"(?:`(?P<key>[a-z][a-z_]+)`|`?--(?P<flag>[a-z][a-z-]+)`?|`?SQUALL_(?P<env>[A-Z_]+)`?)"
+    r"[^.`;]{0,40}?(?:default:?\s+(?P<first>\d[\d,.]*)|(?P<then>\d[\d,.]*) by default)")
+
+
+@pytest.mark.parametrize("doc", DOCS, ids=IDS)
+def test_defaults_given_in_prose_are_the_settings_defaults(doc: Path) -> None:
+    """Tables are generated; a default repeated in a sentence is checked here."""
+    for found in _PROSE_DEFAULT.finditer(_not_run(doc, doc.read_text())):
+        name = found["key"] or (found["flag"] or "").replace("-", "_") or (
+            found["env"] or "").lower()
+        if name not in FIELDS:
+            continue
+        given = (found["first"] or found["then"]).rstrip(".,").replace(",", "")
+        default = FIELDS[name].default
+        assert float(given) == float(default), (
+            f"{doc.relative_to(ROOT)}: {found.group()!r}, but {name} defaults to {default}")
