@@ -40,3 +40,25 @@ def setup_logging(level: str, fmt: str) -> None:
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(level.upper())
+
+
+class Throttle:
+    """Lets a log line through at most once per ``interval`` seconds, and counts the
+    lines it held back meanwhile (``take_held`` returns and resets the count)."""
+
+    def __init__(self, interval: float = 10.0) -> None:
+        self.interval = interval
+        self._next = 0.0
+        self.held = 0
+
+    def ready(self) -> bool:
+        now = time.monotonic()
+        if now < self._next:
+            self.held += 1
+            return False
+        self._next = now + self.interval
+        return True
+
+    def take_held(self) -> int:
+        held, self.held = self.held, 0
+        return held

@@ -13,7 +13,10 @@
  *
  * Guarantees: each subscription sees every event of its topics once, in publish order,
  * across reconnects, as long as the server's history covers the outage (resumed with
- * `since`); when it does not, "recovery_failed" says so. See docs/browser.md.
+ * `since`, or with the `last_id` of its `subscribed` reply when it saw no event yet);
+ * when it does not, "recovery_failed" says so, before the events that follow it. A
+ * subscribe the server cannot take now (`broker_unavailable`) is retried with backoff.
+ * See docs/browser.md.
  */
 (function (root) {
   "use strict";
@@ -23,6 +26,8 @@
   // Close codes after which reconnecting cannot help (protocol.md, Close codes).
   var TERMINAL_CODES = [1000, 1009, 4000, 4003];
   var RECENT_IDS = 1000;
+  // Errors a subscribe may get while the server's broker is away: retried with backoff.
+  var RETRIED_SUBSCRIBE_ERRORS = ["broker_unavailable"];
 
   var DEFAULTS = {
     token: null,             // a JWT, sent as ?token=
@@ -126,6 +131,7 @@
       this.recent = new RecentKeys();
       this.subscribed = false;
       this.replay = null;
+      this.retries = 0;  // subscribes answered broker_unavailable in a row
     }
 
     /** Record `event` as seen; false when it was seen already. */
@@ -507,24 +513,28 @@
       var entry = request.entry;
       if (this._entries.get(entry.topic) !== entry) return;  // unsubscribed meanwhile
       entry.subscribed = true;
+      entry.retries = 0;
       var self = this;
-      entry.takeReplay(frame.recovered !== false).forEach(function (event) {
-        self._deliver(entry, event);
-      });
+      var replayed = entry.takeReplay(frame.recovered !== false);
       var info = {topic: entry.topic};
       if (typeof frame.recovered === "boolean") info.recovered = frame.recovered;
-      entry.subscriptions.forEach(function (subscription) {
-        subscription._resolve(info);
-        subscription._call("onSubscribed", info);
-      });
-      this._emit("subscribed", info);
       if (frame.recovered === false) {
+        // the gap comes before the events replayed with it (all accepted after the
+        // loss, e.g. since the server restarted): the app reloads, then applies them
         var failure = {topic: entry.topic, since: request.since};
         entry.subscriptions.forEach(function (subscription) {
           subscription._call("onRecoveryFailed", failure);
         });
         this._emit("recovery_failed", failure);
       }
+      replayed.forEach(function (event) { self._deliver(entry, event); });
+      // a subscription that saw no event yet resumes from where it started
+      if (!entry.lastId && frame.last_id) entry.lastId = frame.last_id;
+      entry.subscriptions.forEach(function (subscription) {
+        subscription._resolve(info);
+        subscription._call("onSubscribed", info);
+      });
+      this._emit("subscribed", info);
     }
 
     _onError(frame) {
@@ -536,9 +546,26 @@
       }
       if (request && request.kind === "subscribe") {
         this._requests.delete(frame.ref);
+        if (RETRIED_SUBSCRIBE_ERRORS.indexOf(frame.code) >= 0) {
+          this._retrySubscribe(request.entry);
+          return;
+        }
         this._failSubscription(request.entry, error);
       }
       this._emit("error", error);
+    }
+
+    /** The server could not subscribe now (its broker is down): ask again later. */
+    _retrySubscribe(entry) {
+      var self = this;
+      var socket = this._socket;
+      entry.replay = null;
+      var delay = backoffDelay(entry.retries++, this.options.backoff);
+      setTimeout(function () {
+        if (self._socket === socket && self._isOpen() && self._entries.get(entry.topic) === entry) {
+          self._sendSubscribe(entry);
+        }
+      }, delay);
     }
 
     /** A refused subscribe (invalid_topic, forbidden, ...): it is not retried. */

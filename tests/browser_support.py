@@ -39,10 +39,11 @@ LOADERS = {
 }
 
 # Starts window.client with the options given, recording everything it reports.
-# follow(topic, options) subscribes and records the events into record.events[topic].
+# follow(topic, options) subscribes and records the events into record.events[topic];
+# record.journal has every event and gap of every subscription, in the order reported.
 START_CLIENT = """({topics, options, tokens}) => {
   const record = {events: {}, states: [], transitions: [], closes: [], recoveryFailed: [],
-                  callbacks: [], tokenRequests: [], errors: []};
+                  callbacks: [], tokenRequests: [], errors: [], journal: []};
   const settings = Object.assign({}, options);
   if (tokens) {
     settings.getToken = (why) => {
@@ -63,8 +64,14 @@ START_CLIENT = """({topics, options, tokens}) => {
   window.subs = {};
   window.follow = (topic, extra) => {
     record.events[topic] = [];
-    const options = Object.assign({onRecoveryFailed: (f) => record.callbacks.push(f)}, extra);
-    subs[topic] = client.subscribe(topic, (event) => record.events[topic].push(event), options);
+    const options = Object.assign({onRecoveryFailed: (f) => {
+      record.callbacks.push(f);
+      record.journal.push(`gap ${topic}`);
+    }}, extra);
+    subs[topic] = client.subscribe(topic, (event) => {
+      record.events[topic].push(event);
+      record.journal.push(`${topic} ${event.data}`);
+    }, options);
     return subs[topic].ready;
   };
   for (const topic of topics) follow(topic);

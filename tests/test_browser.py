@@ -261,6 +261,37 @@ async def test_a_stale_since_is_surfaced_as_recovery_failed(chromium, origin, pu
     assert seen(await tab.eval("record.events.news")) == [live]
 
 
+async def test_a_subscription_that_saw_no_event_resumes_from_where_it_started(
+        chromium, origin, node, publish):
+    tab = await client_tab(chromium, origin)
+    await tab.start_client(origin, ("quiet",))
+    await tab.all_subscribed()
+    [reply] = await tab.until(lambda: tab.sockets and tab.sockets[0].received_of_type(
+        "subscribed"))
+    node.hub.close_all(1001, "going away")
+    [missed] = await node.hub.publish([PublishRequest("quiet", "while away")])
+    await tab.wait("record.events.quiet.length === 1")
+    assert seen(await tab.eval("record.events.quiet")) == [("quiet", missed.id, "while away")]
+    [resumed] = await tab.until(lambda: len(tab.sockets) == 2 and tab.sockets[1].sent_of_type(
+        "subscribe"))
+    assert resumed["since"] == reply["last_id"]
+
+
+async def test_a_gap_is_reported_before_the_events_replayed_after_it(chromium, origin, publish):
+    """After a restart (a forgotten epoch) the server replays what it kept since: the app
+    hears of the gap first, then those events, then live ones."""
+    kept = [await http_publish(publish, "restarted", n) for n in range(3)]
+    tab = await client_tab(chromium, origin)
+    await tab.start_client(origin)
+    ready = await tab.eval("follow('restarted', {since: 'zzzzzz-7'})")
+    assert ready == {"topic": "restarted", "recovered": False}
+    live = await http_publish(publish, "restarted", "live")
+    await tab.wait("record.events.restarted.length === 4")
+    assert await tab.eval("record.journal") == [
+        "gap restarted", "restarted 0", "restarted 1", "restarted 2", "restarted live"]
+    assert seen(await tab.eval("record.events.restarted")) == [*kept, live]
+
+
 @pytest.mark.settings(history_size=1)
 async def test_history_lost_during_an_outage_is_surfaced_as_recovery_failed(
         chromium, origin, node, publish):

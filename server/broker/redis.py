@@ -83,6 +83,7 @@ from server.broker.redis_lua import POSITION, PUBLISH
 from server.errors import BrokerUnavailable, SquallError
 from server.events import Event, EventId
 from server.history import Replay, merge_replay, oldest
+from server.logs import Throttle
 from server.router import Router
 from server.tasks import stop, supervise
 from server.topics import is_pattern, matches
@@ -96,6 +97,7 @@ _FAILURES = (RedisError, OSError, TimeoutError)
 # Events in one call of the publish script at most, when publishes are grouped.
 MAX_SCRIPT_EVENTS = 1000
 READ_CHUNK = 100  # streams read per round trip by a pattern's history
+LOG_EVERY = 10.0  # seconds between log lines about failing calls
 _SCRIPT_KEYS = [META, TOPICS_BY_SEQ, TOPICS_BY_TS, TOPICS_GONE]
 
 
@@ -131,6 +133,7 @@ class RedisBroker(Broker):
             collections.deque())
         self._publisher: asyncio.Task[None] | None = None
         self._where = url.rsplit("@", maxsplit=1)[-1]
+        self._failures = Throttle(LOG_EVERY)
 
     # -- lifecycle ---------------------------------------------------------------------
 
@@ -236,8 +239,8 @@ class RedisBroker(Broker):
         except BaseException as exc:
             if isinstance(exc, _FAILURES):
                 self._failed_at = asyncio.get_running_loop().time()
-                level = logging.ERROR if isinstance(exc, ResponseError) else logging.WARNING
-                log.log(level, "publish to redis at %s failed: %s", self._where, _describe(exc))
+                self._failed(f"publish: {_describe(exc)}",
+                             logging.ERROR if isinstance(exc, ResponseError) else logging.WARNING)
             for _, waiter in group:
                 if not waiter.done():
                     waiter.set_exception(BrokerUnavailable())
@@ -375,8 +378,7 @@ class RedisBroker(Broker):
                         epoch, seq = await self._position_script(keys=_SCRIPT_KEYS,
                                                                  args=[new_epoch()])
                 except _FAILURES as exc:
-                    log.warning("position from redis at %s failed: %s", self._where,
-                                _describe(exc))
+                    self._failed(f"position: {_describe(exc)}")
                     _settle(waiters, BrokerUnavailable("the broker did not answer (position)"))
                     continue
                 _settle(waiters, EventId(_text(epoch), int(seq)))
@@ -409,6 +411,14 @@ class RedisBroker(Broker):
             topics = await self._client.zrangebyscore(TOPICS_BY_TS, deadline, "+inf")
         return [_text(topic) for topic in topics]
 
+    def _failed(self, what: str, level: int = logging.WARNING) -> None:
+        """Log a failed call, at most one line per ``LOG_EVERY`` seconds (an outage
+        fails every call that clients keep making)."""
+        if self._failures.ready():
+            held = self._failures.take_held()
+            log.log(level, "redis at %s failed (%s)%s", self._where, what,
+                    f"; {held} more failures since the last report" if held else "")
+
     @contextlib.asynccontextmanager
     async def _answer(self, what: str) -> AsyncIterator[None]:
         """Bound a read by ``options.timeout``; Redis failures become ``BrokerUnavailable``."""
@@ -418,7 +428,7 @@ class RedisBroker(Broker):
             async with asyncio.timeout(self.options.timeout):
                 yield
         except _FAILURES as exc:
-            log.warning("%s from redis at %s failed: %s", what, self._where, _describe(exc))
+            self._failed(f"{what}: {_describe(exc)}")
             raise BrokerUnavailable(f"the broker did not answer ({what})") from None
 
     # -- subscriptions and counts -----------------------------------------------------------

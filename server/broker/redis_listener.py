@@ -40,6 +40,7 @@ from server.broker.redis_keys import channel, decode_event, glob
 from server.errors import BrokerUnavailable
 from server.events import Event, EventId
 from server.history import Replay
+from server.logs import Throttle
 from server.topics import is_pattern, matches
 
 log = logging.getLogger("squall.broker.redis")
@@ -168,7 +169,7 @@ class Listener:
                     await pubsub.subscribe(target)
                 await ack
         except _FAILURES as exc:
-            log.warning("redis subscribe to %s not confirmed: %s", name, _describe(exc))
+            log.debug("redis subscribe to %s not confirmed: %s", name, _describe(exc))
             raise BrokerUnavailable("the broker did not confirm the subscribe") from None
         finally:
             waiting = self._acks.get(target, [])
@@ -182,21 +183,18 @@ class Listener:
     async def run(self) -> None:
         """Listen forever, reconnecting with capped backoff (run it supervised)."""
         delay = BACKOFF
-        failures = 0
-        quiet_until = 0.0
-        loop = asyncio.get_running_loop()
+        reports = Throttle(LOG_EVERY)
         while True:
             try:
                 await self._session()
             except _FAILURES as exc:
                 if self._was_ready:  # a healthy session ended: start the backoff afresh
-                    delay, failures, self._was_ready = BACKOFF, 0, False
-                failures += 1
-                if loop.time() >= quiet_until:
-                    log.warning("redis listener lost its connection (%s); reconnecting "
-                                "every %.2fs at most (%d failed attempts)", _describe(exc),
-                                MAX_BACKOFF, failures)
-                    quiet_until = loop.time() + LOG_EVERY
+                    delay, self._was_ready, reports = BACKOFF, False, Throttle(LOG_EVERY)
+                if reports.ready():
+                    held = reports.take_held()
+                    log.warning("redis listener lost its connection (%s); reconnecting every "
+                                "%.2fs at most%s", _describe(exc), MAX_BACKOFF,
+                                f" ({held} more failed attempts)" if held else "")
             await asyncio.sleep(delay)
             delay = min(delay * 2, MAX_BACKOFF)
 
