@@ -167,8 +167,9 @@ class Settings:
     signal_queue: int = _setting(10_000, "async signal receiver calls queued at most "
                                  "(more are dropped and counted)", group="extensions",
                                  minimum=1)
-    auth_webhook_url: str = _setting("", "URL of the backend that approves connects and "
-                                     "subscribes", group="extensions")
+    auth_webhook_url: str = _setting("", "URL of the backend that approves connects, "
+                                     "subscribes and WebSocket publishes (turns auth on)",
+                                     group="extensions")
     auth_webhook_secret: str = _setting("", "secret signing authorization webhook requests",
                                         group="extensions", secret=True)
     auth_webhook_timeout: float = _setting(2.0, "seconds to wait for the authorization "
