@@ -102,9 +102,10 @@ class Settings:
                                       minimum=1)
     max_bad_frames: int = _setting(20, "bad frames a connection may send before it is "
                                    "closed with 4000", group="limits", minimum=1)
-    max_http_connections: int = _setting(20_000, "TCP connections (HTTP and WebSocket) this "
+    max_http_connections: int = _setting(0, "TCP connections (HTTP and WebSocket) this "
                                          "process holds at most; ones waiting for a request "
-                                         "make room for new ones (0: no limit)",
+                                         "make room for new ones (0: as many as the "
+                                         "open-file limit allows, less 256)",
                                          group="limits", minimum=0)
     max_http_connections_per_ip: int = _setting(2000, "TCP connections per client address; "
                                                 "its ones waiting for a request make room "

@@ -149,6 +149,10 @@ class StaticHandler(JsonErrors, StaticFileHandler):
         if "\x00" in path or not path.isprintable():
             raise SquallError("not_found", "no such file")
         await super().get(path, include_body)
+        if self.get_status() == 416:  # Tornado answers it with no body
+            self.clear_header("Content-Type")
+            self.reply(416, {"error": {"code": "invalid_body", "message": "the Range is "
+                                       "outside the file"}})
 
 
 def _describe(exc_info: Any, status: int) -> tuple[int, str, str]:
