@@ -14,6 +14,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import msgpack
+import orjson
 
 from server.errors import SquallError
 
@@ -35,6 +36,11 @@ def _reject_constant(name: str) -> None:
 
 
 _json_decoder = json.JSONDecoder(parse_constant=_reject_constant)
+# A run of 19 digits may be an integer beyond 64 bits, which orjson would make a float:
+# found by turning every digit into 0 and looking for 19 of them in a row.
+_DIGITS_AS_ZERO = bytes.maketrans(b"0123456789", b"0" * 10)
+_LONG_RUN = b"0" * 19
+_ORJSON_DEPTH = 254  # the deepest value orjson encodes
 _json_encoder = json.JSONEncoder(ensure_ascii=False, separators=(",", ":"), allow_nan=False)
 
 
@@ -63,9 +69,13 @@ def json_safe(value: Any) -> Any:
 def dump_json(value: Any) -> bytes:
     """Compact UTF-8 JSON; values from msgpack that JSON lacks are converted."""
     try:
-        return _json_encoder.encode(value).encode()
-    except (TypeError, ValueError):
-        return _json_encoder.encode(json_safe(value)).encode()
+        return orjson.dumps(value)
+    except TypeError:  # bytes, non-string keys, extension types: made JSON-safe
+        safe = json_safe(value)
+    try:
+        return orjson.dumps(safe)
+    except TypeError:  # integers beyond 64 bits (never from the edge, which refuses them)
+        return _json_encoder.encode(safe).encode()
 
 
 def check_value(value: Any, max_depth: int = MAX_DEPTH) -> None:
@@ -76,8 +86,7 @@ def check_value(value: Any, max_depth: int = MAX_DEPTH) -> None:
         item, depth = stack.pop()
         if isinstance(item, float):
             if not math.isfinite(item):
-                raise SquallError("invalid_body", "numbers must be finite (no NaN, no "
-                                  "infinity, nothing beyond 1.8e308)")
+                raise _not_finite()
         elif isinstance(item, dict | list | tuple):
             if depth > max_depth:
                 raise SquallError("invalid_body", f"the value is nested more than "
@@ -92,17 +101,57 @@ def load_json(raw: bytes | str) -> Any:
 
     The value must also be one every codec can carry (finite numbers, at most
     ``MAX_DEPTH`` levels, no lone surrogates, integers within 64 bits), so that no
-    subscriber's encoding can fail later.
+    subscriber's encoding can fail later. orjson parses (it refuses non-finite numbers
+    and lone surrogates itself); a body with a run of 19 or more digits, where orjson
+    would turn a too-large integer into a float, goes through the standard parser,
+    which keeps it an integer for the 64-bit check to refuse.
+
+    Note orjson's own depth limit (1024 to parse, ``_ORJSON_DEPTH`` to encode) is
+    above ``MAX_DEPTH``, so the depth is checked here.
     """
+    if isinstance(raw, str):
+        raw = raw.encode("utf-8", "surrogatepass")  # orjson refuses what this lets through
+    if _LONG_RUN in raw.translate(_DIGITS_AS_ZERO):
+        return _load_json_exactly(raw)
+    try:
+        value = orjson.loads(raw)
+    except orjson.JSONDecodeError as exc:
+        if exc.msg.startswith("depth limit"):
+            raise _too_deep() from None
+        if "infinity" in exc.msg:
+            raise _not_finite() from None
+        raise _malformed(exc) from None
+    if raw.count(b"[") + raw.count(b"{") > MAX_DEPTH:  # else it cannot be deeper
+        _check_depth(value)
+    return value
+
+
+def _malformed(exc: json.JSONDecodeError) -> SquallError:
+    """What is wrong with a JSON text, and where: ``... at line 1 column 2``."""
+    return SquallError("invalid_body", f"malformed JSON: {exc.msg} at line {exc.lineno} "
+                       f"column {exc.colno}")
+
+
+def _check_depth(value: Any) -> None:
+    """``invalid_body`` if ``value`` nests deeper than ``MAX_DEPTH``, at C speed: orjson
+    refuses to encode past ``_ORJSON_DEPTH`` levels, so the value is tried inside as
+    many extra levels as leave exactly ``MAX_DEPTH`` for it."""
+    for _ in range(_ORJSON_DEPTH - MAX_DEPTH):
+        value = [value]
+    try:
+        orjson.dumps(value)
+    except TypeError:
+        raise _too_deep() from None
+
+
+def _load_json_exactly(raw: bytes | str) -> Any:
     try:
         text = raw.decode("utf-8") if isinstance(raw, bytes | bytearray) else raw
         value = _json_decoder.decode(text)
     except RecursionError:
-        raise SquallError("invalid_body", f"the value is nested more than {MAX_DEPTH} "
-                          "levels deep") from None
+        raise _too_deep() from None
     except json.JSONDecodeError as exc:
-        raise SquallError("invalid_body", f"malformed JSON: {exc.msg} at line {exc.lineno} "
-                          f"column {exc.colno}") from None
+        raise _malformed(exc) from None
     except ValueError as exc:
         raise SquallError("invalid_body", f"malformed JSON: {_first_line(exc)}") from None
     check_value(value)
@@ -113,6 +162,22 @@ def load_json(raw: bytes | str) -> Any:
                           f"(integers must fit 64 bits, strings be valid Unicode): "
                           f"{_first_line(exc)}") from None
     return value
+
+
+def _containers(raw: bytes | str) -> int:
+    """How many arrays and objects ``raw`` may open at most: a bound on its depth."""
+    if isinstance(raw, str):
+        return raw.count("[") + raw.count("{")
+    return raw.count(b"[") + raw.count(b"{")
+
+
+def _not_finite() -> SquallError:
+    return SquallError("invalid_body", "numbers must be finite (no NaN, no infinity, "
+                       "nothing beyond 1.8e308)")
+
+
+def _too_deep() -> SquallError:
+    return SquallError("invalid_body", f"the value is nested more than {MAX_DEPTH} levels deep")
 
 
 def dump_msgpack(value: Any) -> bytes:

@@ -61,12 +61,14 @@ BATCH = '{"events": [{"topic": "orders.eu", "data": {"text": "hi"}}]} as JSON (o
     ("/v1/topics/a/events", b"", {"Content-Type": "application/msgpack"},
      f"the body is empty; send {EVENT}"),
     ("/v1/topics/a/events", b"{bad", {},
-     "malformed JSON: Expecting property name enclosed in double quotes at line 1 column 2; "
+     "malformed JSON: unexpected character, expected a string key at line 1 column 2; "
      f"send {EVENT}"),
     ("/v1/topics/a/events", b"status=paid", {"Content-Type": "application/x-www-form-urlencoded"},
-     f"malformed JSON: Expecting value at line 1 column 1; send {EVENT}"),
+     f"malformed JSON: unexpected character, expected a JSON value at line 1 column 1; "
+     f"send {EVENT}"),
     ("/v1/events", b"", {}, f"the body is empty; send {BATCH}"),
-    ("/v1/events", b"[1,", {}, f"malformed JSON: Expecting value at line 1 column 4; send {BATCH}"),
+    ("/v1/events", b"[1,", {},
+     f"malformed JSON: unexpected end of data at line 1 column 4; send {BATCH}"),
 ])
 async def test_a_bad_body_says_what_to_send_instead(http_client, base_url, path, body, headers,
                                                     message):
