@@ -94,6 +94,8 @@ class Settings:
                                     "(413 above)", group="limits", minimum=1)
     max_batch_events: int = _setting(1000, "most events in one batch publish (413 above)",
                                      group="limits", minimum=1)
+    max_stream_bytes: int = _setting(64 * MiB, "largest streaming batch (application/"
+                                     "x-ndjson) body, in bytes", group="limits", minimum=1)
     max_frame_bytes: int = _setting(128 * KiB, "largest WebSocket message from a client "
                                     "(closed with 1009 above)", group="limits", minimum=125)
     max_topic_length: int = _setting(255, "longest topic name", group="limits", minimum=1)

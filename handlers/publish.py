@@ -18,6 +18,8 @@ from typing import Any
 from tornado.web import stream_request_body
 
 from handlers.base import ApiHandler
+from handlers.stream import MEDIA_TYPES as STREAM_TYPES
+from handlers.stream import NdjsonPublisher
 from server.auth import Forbidden, Grant, Unauthorized
 from server.broker.base import Published, PublishRequest
 from server.codec import Codec, media_codec
@@ -54,10 +56,14 @@ class BodyHandler(ApiHandler):
         if self.request.connection is not None:
             self.request.connection.set_max_body_size(limit + _HEADROOM)  # type: ignore[attr-defined]
 
-    def data_received(self, chunk: bytes) -> None:
+    async def data_received(self, chunk: bytes) -> None:
         self._size += len(chunk)
         if self._size <= self.body_limit():
-            self._chunks.append(chunk)
+            await self.take(chunk)
+
+    async def take(self, chunk: bytes) -> None:
+        """Keep a chunk of the body (a streaming handler uses it at once instead)."""
+        self._chunks.append(chunk)
 
     def decoded_body(self) -> tuple[Any, Codec]:
         """The body as a value, and the codec it came in."""
@@ -113,20 +119,64 @@ class TopicEventsHandler(BodyHandler):
 
 
 class BatchHandler(BodyHandler):
-    """``POST /v1/events``: ``{"events": [{"topic", "data", "idempotency_key"?}, ...]}``."""
+    """``POST /v1/events``: ``{"events": [{"topic", "data", "idempotency_key"?}, ...]}``,
+    or one event per line with ``Content-Type: application/x-ndjson`` (handlers/stream.py:
+    published as the lines arrive, answered line by line)."""
+
+    stream: NdjsonPublisher | None = None
 
     expected = '{"events": [{"topic": "orders.eu", "data": {"text": "hi"}}]} as JSON (or msgpack)'
 
     def body_limit(self) -> int:
+        if self._streaming():
+            return self.node.settings.max_stream_bytes
         return self.node.settings.max_batch_bytes
 
+    def _streaming(self) -> bool:
+        media = self.request.headers.get("Content-Type", "").split(";", 1)[0]
+        return media.strip().lower() in STREAM_TYPES
+
+    async def data_received(self, chunk: bytes) -> None:
+        if not self._streaming():
+            await super().data_received(chunk)
+            return
+        stream = self._stream()
+        room = self.body_limit() - self._size
+        self._size += len(chunk)
+        if stream.overflowed:
+            return
+        await stream.feed(chunk[:room] if len(chunk) > room else chunk)
+        if len(chunk) > room:
+            stream.overflow(self.body_limit())  # said once; the lines before it stand
+
+    def _stream(self) -> NdjsonPublisher:
+        if self.stream is None:
+            self.set_status(202)
+            self.set_header("Content-Type", "application/x-ndjson")
+            self.stream = NdjsonPublisher(self.node.hub, self.rights, self.node.settings,
+                                          self._answer)
+        return self.stream
+
+    def _answer(self, lines: bytes) -> None:
+        self.write(lines)
+        self.flush()  # as the lines come: a client may read while it sends
+
     async def post(self) -> None:
+        if self._streaming():
+            await self._end_stream()
+            return
         body, codec = self.decoded_body()
         requests = _batch(body, codec, self.node.settings)
         for request in requests:
             _authorize(self.rights, self.rights.check_publish, request.topic)
         published = await self.node.hub.publish(requests)
         self.reply(202, {"events": [_outcome(outcome) for outcome in published]})
+
+    async def _end_stream(self) -> None:
+        stream = self._stream()
+        if not stream.overflowed:
+            await stream.end()
+        self.finish()
 
 
 def _authorize(rights: Grant, check: Callable[[str], None], name: str) -> None:

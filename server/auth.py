@@ -134,6 +134,16 @@ class Grant:
 OPEN = Grant(sub=None, subscribe=EVERYTHING, publish=EVERYTHING)
 
 
+def authorize_publish(rights: Grant, topic: str) -> None:
+    """``check_publish``, except that an anonymous client is told to authenticate."""
+    try:
+        rights.check_publish(topic)
+    except Forbidden as exc:
+        if rights.anonymous:
+            raise Unauthorized(f"{exc.message}: send an API key or a token") from None
+        raise
+
+
 # -- the verifier ---------------------------------------------------------------------
 
 
