@@ -78,6 +78,9 @@ class Settings:
     access_log: bool = _setting(True, "log one line per HTTP request", group="serving")
     shutdown_timeout: float = _setting(10.0, "seconds a graceful shutdown may take",
                                        group="serving", minimum=0)
+    event_loop: str = _setting("uvloop", "the asyncio event loop: uvloop (faster) or the "
+                               "standard library's", group="serving",
+                               choices=("uvloop", "asyncio"))
     api_keys: tuple[str, ...] = _setting((), "API keys with full publish rights "
                                          "(comma-separated)", group="auth", secret=True)
     jwt_secret: str = _setting("", "HS256 secret for JWTs", group="auth", secret=True)

@@ -16,7 +16,8 @@ import resource
 import signal
 import socket
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Coroutine
+from typing import Any
 
 from tornado.netutil import bind_sockets
 from tornado.web import Application
@@ -59,7 +60,16 @@ def serve(settings: Settings) -> int:
             for sock in sockets:
                 sock.close()
             return status
-    return asyncio.run(_serve(settings, sockets))
+    return run_loop(settings.event_loop, _serve(settings, sockets))
+
+
+def run_loop(kind: str, main: Coroutine[Any, Any, int]) -> int:
+    """Run ``main`` on the event loop ``kind`` names (``event_loop``)."""
+    if kind == "uvloop":
+        import uvloop
+
+        return uvloop.run(main)
+    return asyncio.run(main)
 
 
 def _run_workers(count: int) -> int | None:

@@ -28,6 +28,11 @@ from server.serve import http_server as http_server_for
 
 TIMEOUT = 10.0
 
+if Settings().event_loop == "uvloop":  # the tests run on the loop production runs on
+    import uvloop
+
+    asyncio.set_event_loop_policy(uvloop.EventLoopPolicy())
+
 
 @pytest.fixture
 def squall_settings(request: pytest.FixtureRequest) -> Settings:
