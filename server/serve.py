@@ -51,7 +51,8 @@ def serve(settings: Settings) -> int:
                                if ":" not in settings.host else socket.AF_UNSPEC,
                                backlog=LISTEN_BACKLOG)
     except OSError as exc:
-        log.error("cannot listen on %s:%s: %s", settings.host, settings.port, exc.strerror)
+        log.error("cannot listen on %s:%s: %s (another port: --port or SQUALL_PORT)",
+                  settings.host, settings.port, exc.strerror)
         return 1
     if settings.workers > 1:
         status = _run_workers(settings.workers)
