@@ -1,7 +1,7 @@
 """The subscriber's WebSocket: where it goes, how it opens, what a close means, and
 the subprotocol's wire form of frames.
 
-Close codes follow protocol.md: after 1000, 4003 and 4010 the client stops; after
+Close codes follow docs/protocol.md: after 1000, 4003 and 4010 the client stops; after
 1009 and 4000 (and the protocol errors 1002, 1003, 1007, 1008) it stops with an
 error; 4001 asks for a new token; any other code, and any network failure,
 reconnects with backoff (1001, 4008, 4009, 4029, 1006, 1011, ...).

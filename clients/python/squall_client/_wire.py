@@ -141,7 +141,7 @@ def _json(body: bytes) -> Any:
 
 
 def _unexpected(body: bytes) -> SquallError:
-    return SquallError("invalid_response", "the server's answer is not what protocol.md "
+    return SquallError("invalid_response", "the server's answer is not what docs/protocol.md "
                        f"says: {body[:200]!r}")
 
 

@@ -7,7 +7,7 @@ class SquallError(Exception):
     """An error Squall answered, or a failure the client gave up on.
 
     ``code`` is the protocol's error code (``invalid_topic``, ``forbidden``,
-    ``payload_too_large``, ...; see protocol.md) or one of the client's own:
+    ``payload_too_large``, ...; see docs/protocol.md) or one of the client's own:
     ``unavailable`` (retries ran out before the deadline) and ``closed`` (the client
     was closed). ``status`` is the HTTP status of the answer, None when no HTTP answer
     carried the error (WebSocket error frames, network failures).
@@ -39,7 +39,7 @@ class SubscriptionError(SquallError):
 class Disconnected(SquallError):
     """The server ended the connection for good, so the subscriber stopped.
 
-    ``close_code`` is the WebSocket close code (protocol.md, Close codes): 1000
+    ``close_code`` is the WebSocket close code (docs/protocol.md, Close codes): 1000
     (normal close), 4003 (forbidden), 4010 (disconnected by the backend), 1009 and
     4000 (the client sent something the server would not take), or 4001 when no new
     token could be had. ``code`` names it in words (``normal_close``, ``forbidden``,

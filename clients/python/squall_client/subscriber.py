@@ -8,7 +8,7 @@ event it buffered. Only when the server's history no longer covers what was miss
 does the iterator say so, with a ``Gap``.
 
 Resuming: each subscription remembers the id of the last event it delivered (or the
-server's ``last_id`` when it took effect, protocol.md) and resubscribes with it as
+server's ``last_id`` when it took effect, docs/protocol.md) and resubscribes with it as
 ``since``. The server replays what was missed before its ``subscribed`` reply; the
 subscriber holds the events that arrive while any subscribe is unanswered and lets
 them through after the reply, after a ``Gap`` when the reply says ``recovered:
@@ -255,7 +255,7 @@ class Subscriber:
 
     async def _pause_after(self, code: int | None, reason: str, attempt: int) -> None:
         """Wait out the backoff before connecting again; ``Disconnected`` after a close
-        that ends it all (protocol.md, close codes)."""
+        that ends it all (docs/protocol.md, close codes)."""
         action = _connection.after_close(code)
         if action is After.STOP or (action is After.NEW_TOKEN
                                     and self._token_provider is None):

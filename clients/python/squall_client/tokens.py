@@ -1,4 +1,4 @@
-"""Subscriber and publisher tokens: JWTs with the claims protocol.md describes."""
+"""Subscriber and publisher tokens: JWTs with the claims docs/protocol.md describes."""
 
 from __future__ import annotations
 

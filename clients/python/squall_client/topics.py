@@ -4,7 +4,7 @@ from __future__ import annotations
 
 
 def matches(name: str, topic: str) -> bool:
-    """``name`` (a topic or a pattern, protocol.md) matches the concrete ``topic``."""
+    """``name`` (a topic or a pattern, docs/protocol.md) matches the concrete ``topic``."""
     if name == topic:
         return True
     wanted = name.split(".")
