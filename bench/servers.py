@@ -82,12 +82,13 @@ def pinned(command: Sequence[str], cpu: int | None) -> list[str]:
     return ["taskset", "-c", str(cpu), *command] if cpu is not None else list(command)
 
 
-def start_squall(cpu: int | None, log_dir: Path, name: str = "squall",
-                 root: Path = ROOT) -> Server:
-    """Squall from ``root`` (this repository), memory broker, warning-level logs, with
-    the TCP line protocol on a port of its own."""
+def start_squall(cpu: int | None, log_dir: Path, flags: Sequence[str] = (),
+                 name: str = "squall", root: Path = ROOT) -> Server:
+    """Squall from ``root`` (this repository), memory broker, warning-level logs, plus
+    ``flags``, with the TCP line protocol on a port of its own."""
     port, tcp_port = free_port(), free_port()
-    command = [sys.executable, "run.py", "--host", HOST, "--port", str(port), *UNLIMITED]
+    command = [sys.executable, "run.py", "--host", HOST, "--port", str(port), *UNLIMITED,
+               *flags]
     if (root / "transports" / "tcp.py").exists():
         command += ["--tcp-port", str(tcp_port)]
     command += ["--log-level", "warning"]
@@ -121,7 +122,7 @@ def start_squall_base(cpu: int | None, log_dir: Path) -> Server:
         raise ServerError(f"git archive {revision} failed: {archive.stderr.decode()[:200]}")
     subprocess.run(["tar", "-x", "-C", str(workdir)], input=archive.stdout, check=True)
     try:
-        server = start_squall(cpu, log_dir, "squall-base", workdir)
+        server = start_squall(cpu, log_dir, name="squall-base", root=workdir)
     except ServerError:
         shutil.rmtree(workdir, ignore_errors=True)
         raise
@@ -322,8 +323,8 @@ def _copy_and_remove(workdir: Path, log_path: Path) -> None:
 
 STARTERS: dict[str, Callable[[int | None, Path], Server]] = {
     "squall": start_squall,
-    "squall-sse": lambda cpu, log_dir: start_squall(cpu, log_dir, "squall-sse"),
-    "squall-tcp": lambda cpu, log_dir: start_squall(cpu, log_dir, "squall-tcp"),
+    "squall-sse": lambda cpu, log_dir: start_squall(cpu, log_dir, name="squall-sse"),
+    "squall-tcp": lambda cpu, log_dir: start_squall(cpu, log_dir, name="squall-tcp"),
     "squall-base": start_squall_base,
     "squall-redis": start_squall_redis,
     "baseline": start_baseline,

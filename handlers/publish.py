@@ -34,6 +34,9 @@ _HEADROOM = 64 * 1024  # bytes read past a limit before the connection is cut
 class BodyHandler(ApiHandler):
     """Reads a bounded request body; more than ``body_limit`` bytes is a 413."""
 
+    # what a body of this path holds, for the message that answers a bad one
+    expected = "a JSON value"
+
     def body_limit(self) -> int:
         raise NotImplementedError
 
@@ -66,16 +69,26 @@ class BodyHandler(ApiHandler):
         """The body as a value, and the codec it came in."""
         if self._size > self.body_limit():
             raise _too_large(self.body_limit())
-        codec = media_codec(self.request.headers.get("Content-Type"))
+        content_type = self.request.headers.get("Content-Type")
+        codec = media_codec(content_type)
         if codec is None:
-            raise SquallError("unsupported_media_type",
-                              "send application/json or application/msgpack")
-        return codec.loads(b"".join(self._chunks)), codec
+            raise SquallError("unsupported_media_type", f"Content-Type {content_type!r:.80} is "
+                              "not supported; send application/json or application/msgpack")
+        raw = b"".join(self._chunks)
+        if not raw or not (codec.binary or raw.strip()):
+            raise SquallError("invalid_body", f"the body is empty; send {self.expected}")
+        try:
+            return codec.loads(raw), codec
+        except SquallError as exc:
+            raise SquallError(exc.code, f"{exc.message}; send {self.expected}") from None
 
 
 class TopicEventsHandler(BodyHandler):
     """``/v1/topics/{topic}/events``: POST publishes the body as the event's data;
     GET lists the retained history (``since``, ``limit``)."""
+
+    expected = ('the event\'s data as JSON, such as {"text": "hi"}, with Content-Type: '
+                "application/json (or msgpack with Content-Type: application/msgpack)")
 
     def body_limit(self) -> int:
         return self.node.settings.max_event_bytes
@@ -111,6 +124,8 @@ class BatchHandler(BodyHandler):
     published as the lines arrive, answered line by line)."""
 
     stream: NdjsonPublisher | None = None
+
+    expected = '{"events": [{"topic": "orders.eu", "data": {"text": "hi"}}]} as JSON (or msgpack)'
 
     def body_limit(self) -> int:
         if self._streaming():

@@ -1,6 +1,6 @@
 """Who may do what: API keys, JWTs, anonymous clients and allowed origins.
 
-Credentials (protocol.md, Auth):
+Credentials (docs/protocol.md, Auth):
 
 - ``Authorization: Bearer <credential>`` on HTTP and on the WebSocket handshake, or
   ``?token=<jwt>`` on the WebSocket (browsers cannot set headers; API keys are not

@@ -115,10 +115,16 @@ def load_json(raw: bytes | str) -> Any:
             raise _too_deep() from None
         if "infinity" in exc.msg:
             raise _not_finite() from None
-        raise SquallError("invalid_body", f"malformed JSON: {_first_line(exc)}") from None
+        raise _malformed(exc) from None
     if raw.count(b"[") + raw.count(b"{") > MAX_DEPTH:  # else it cannot be deeper
         _check_depth(value)
     return value
+
+
+def _malformed(exc: json.JSONDecodeError) -> SquallError:
+    """What is wrong with a JSON text, and where: ``... at line 1 column 2``."""
+    return SquallError("invalid_body", f"malformed JSON: {exc.msg} at line {exc.lineno} "
+                       f"column {exc.colno}")
 
 
 def _check_depth(value: Any) -> None:
@@ -139,6 +145,8 @@ def _load_json_exactly(raw: bytes | str) -> Any:
         value = _json_decoder.decode(text)
     except RecursionError:
         raise _too_deep() from None
+    except json.JSONDecodeError as exc:
+        raise _malformed(exc) from None
     except ValueError as exc:
         raise SquallError("invalid_body", f"malformed JSON: {_first_line(exc)}") from None
     check_value(value)

@@ -1,4 +1,4 @@
-"""The error catalogue of protocol.md: every failure a client can cause has a code."""
+"""The error catalogue of docs/protocol.md: every failure a client can cause has a code."""
 
 from __future__ import annotations
 

@@ -16,7 +16,8 @@ import resource
 import signal
 import socket
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Coroutine
+from typing import Any
 
 from tornado.netutil import bind_sockets
 from tornado.web import Application
@@ -51,7 +52,8 @@ def serve(settings: Settings) -> int:
                                if ":" not in settings.host else socket.AF_UNSPEC,
                                backlog=LISTEN_BACKLOG)
     except OSError as exc:
-        log.error("cannot listen on %s:%s: %s", settings.host, settings.port, exc.strerror)
+        log.error("cannot listen on %s:%s: %s (another port: --port or SQUALL_PORT)",
+                  settings.host, settings.port, exc.strerror)
         return 1
     try:
         tcp_sockets = bind_tcp(settings)
@@ -64,7 +66,16 @@ def serve(settings: Settings) -> int:
             for sock in [*sockets, *tcp_sockets]:
                 sock.close()
             return status
-    return asyncio.run(_serve(settings, sockets, tcp_sockets))
+    return run_loop(settings.event_loop, _serve(settings, sockets, tcp_sockets))
+
+
+def run_loop(kind: str, main: Coroutine[Any, Any, int]) -> int:
+    """Run ``main`` on the event loop ``kind`` names (``event_loop``)."""
+    if kind == "uvloop":
+        import uvloop
+
+        return uvloop.run(main)
+    return asyncio.run(main)
 
 
 def _run_workers(count: int) -> int | None:

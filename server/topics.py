@@ -1,4 +1,4 @@
-"""Topic names and subscription patterns (protocol.md, Topics).
+"""Topic names and subscription patterns (docs/protocol.md, Topics).
 
 A topic is 1 to 255 characters: segments of ``[A-Za-z0-9_\\-:@]`` joined by ``.``.
 A pattern may also use ``*`` (exactly one segment) and ``>`` (one or more trailing

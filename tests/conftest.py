@@ -33,6 +33,11 @@ from transports.tcp import LineServer
 
 TIMEOUT = 10.0
 
+if Settings().event_loop == "uvloop":  # the tests run on the loop production runs on
+    import uvloop
+
+    asyncio.set_event_loop_policy(uvloop.EventLoopPolicy())
+
 
 @pytest.fixture
 def squall_settings(request: pytest.FixtureRequest) -> Settings:

@@ -11,7 +11,7 @@ import subprocess
 import sys
 import threading
 import urllib.request
-from collections.abc import Coroutine
+from collections.abc import Callable, Coroutine
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -40,7 +40,11 @@ def run_async(coroutine: Coroutine[Any, Any, T]) -> T:
 
 
 class ServerProcess:
-    """Starts ``run.py`` with flags, learns its port from the log, stops it on exit."""
+    """Starts ``run.py`` with flags, learns its port from the log, stops it on exit.
+
+    ``restart`` stops it and starts it again on the same port, as an operator would:
+    clients that reconnect find it where it was.
+    """
 
     def __init__(self, *flags: str, env: dict[str, str] | None = None) -> None:
         # the port is read from the "listening" line, logged at info level
@@ -52,6 +56,19 @@ class ServerProcess:
         self.tcp_port = 0  # with --tcp-port: the port it logged
         self.log: list[str] = []
         self._listening = threading.Event()
+
+    def restart(self, timeout: float = 20.0,
+                while_down: Callable[[], object] | None = None) -> ServerProcess:
+        """Stop (SIGTERM: a graceful shutdown), call ``while_down`` if given, and start
+        again on the same port."""
+        port = self.port
+        self.stop()
+        if while_down is not None:
+            while_down()
+        self.flags[1] = str(port)
+        self.port = 0
+        self._listening = threading.Event()
+        return self.start(timeout)
 
     def start(self, timeout: float = 20.0) -> ServerProcess:
         self.process = subprocess.Popen(
@@ -66,17 +83,18 @@ class ServerProcess:
 
     def _read_log(self) -> None:
         """Keep draining the server's output, so it never blocks on a full pipe."""
-        assert self.process is not None and self.process.stdout is not None
-        for line in self.process.stdout:
+        process, listening = self.process, self._listening
+        assert process is not None and process.stdout is not None
+        for line in process.stdout:
             self.log.append(line)
             tcp = _TCP.search(line)
             if tcp:
                 self.tcp_port = int(tcp.group(1))
             found = _LISTENING.search(line)
-            if found and not self.port:
+            if found and not listening.is_set():
                 self.port = int(found.group(1))
-                self._listening.set()
-        self._listening.set()  # exited: stop waiting
+                listening.set()
+        listening.set()  # exited: stop waiting
 
     @property
     def url(self) -> str:

@@ -1,4 +1,5 @@
-"""squall.js and the demo page in a real headless Chromium, against a real node.
+"""squall.js in a real headless Chromium, against a real node (the demo page:
+tests/test_demo.py).
 
 The node runs in-process (pytest-tornado), so a test can close every connection from
 the server side (``node.hub.close_all``) and publish while the browser is away, with
@@ -14,7 +15,6 @@ from __future__ import annotations
 import json
 import time
 from collections.abc import Awaitable, Callable, Iterator
-from pathlib import Path
 from typing import Any
 from urllib.parse import parse_qs, urlsplit
 
@@ -32,7 +32,6 @@ from tests.browser_support import Chromium, Tab, harness_html, require_browser
 
 pytestmark = [pytest.mark.browser, pytest.mark.gen_test(timeout=90)]
 
-ARTIFACTS = Path(__file__).resolve().parent / "artifacts"
 JWT_SECRET = "browser-tests-" + "0123456789abcdef" * 2
 Publish = Callable[..., Awaitable[HTTPResponse]]
 
@@ -108,69 +107,6 @@ async def tokens_sent(tab: Tab, connections: int) -> list[list[str]]:
     """The ``?token=`` of each of the page's first ``connections`` WebSockets."""
     sockets = await tab.until(lambda: len(tab.sockets) >= connections and tab.sockets)
     return [parse_qs(urlsplit(socket.url).query).get("token", []) for socket in sockets]
-
-
-# -- the demo page ------------------------------------------------------------------
-
-
-async def test_demo_page_shows_live_events_publishes_and_counts(chromium, origin, publish):
-    tab = await chromium.tab()
-    page = tab.page
-    await page.goto(f"{origin}/")
-    await page.wait_for_selector('#state[data-state="open"]')
-    assert (await page.input_value("#url")).endswith(f"{origin.split('//')[1]}/v1/ws")
-
-    await page.fill("#subscribe-topic", "orders.*")
-    await page.click("#subscribe-form button")
-    await page.wait_for_selector('.chip[data-topic="orders.*"]:not(.pending)')
-
-    _, eu_id, _ = await http_publish(publish, "orders.eu", {"order": 1042, "total": 99.5})
-    entry = page.locator('#log .event[data-topic="orders.eu"]')
-    await entry.wait_for()
-    assert await entry.locator(".id").inner_text() == eu_id
-    assert json.loads(await entry.locator(".data").inner_text()) == {"order": 1042, "total": 99.5}
-
-    await page.fill("#publish-topic", "orders.us")
-    await page.fill("#publish-data", '{"order": 1043, "items": ["pen", "paper"]}')
-    await page.click("#publish-form button")
-    await page.wait_for_selector('#publish-result[data-kind="ok"]')
-    us_entry = page.locator('#log .event[data-topic="orders.us"]')
-    await us_entry.wait_for()
-    us_id = await us_entry.locator(".id").inner_text()
-    assert await page.inner_text("#publish-result") == f"Published {us_id}"
-
-    assert await page.inner_text('.chip[data-topic="orders.*"] .count') == "2"
-    assert await page.inner_text("#log-total") == "2"
-    for topic in ("orders.eu", "orders.us"):
-        assert await page.inner_text(f'#counters tr[data-topic="{topic}"] .n') == "1"
-
-    ARTIFACTS.mkdir(exist_ok=True)
-    await page.evaluate("window.scrollTo(0, 0)")
-    await page.screenshot(path=ARTIFACTS / "demo-desktop.png")
-    await page.set_viewport_size({"width": 390, "height": 844})
-    assert await page.evaluate("document.documentElement.scrollWidth") <= 390
-    await page.screenshot(path=ARTIFACTS / "demo-phone.png", full_page=True)
-
-    await page.fill("#publish-data", "{not json")
-    await page.click("#publish-form button")
-    await page.wait_for_selector('#publish-result[data-kind="error"]')
-    assert "not valid JSON" in await page.inner_text("#publish-result")
-
-    await page.click('.chip[data-topic="orders.*"] .remove')
-    await page.wait_for_selector('.chip[data-topic="orders.*"]', state="detached")
-    [unsubscribe] = await tab.until(lambda: tab.sockets[0].sent_of_type("unsubscribe"))
-    assert unsubscribe["topic"] == "orders.*"
-
-
-async def test_demo_page_shows_reconnects(chromium, origin, node):
-    tab = await chromium.tab()
-    await tab.page.goto(f"{origin}/?topic=news")
-    await tab.page.wait_for_selector('.chip[data-topic="news"]:not(.pending)')
-    node.hub.close_all(1001, "server shutting down")
-    await tab.page.wait_for_selector("#log .notice.warn")
-    assert "1001: server shutting down" in await tab.page.inner_text("#log .notice.warn")
-    await tab.page.wait_for_function("document.querySelectorAll('#log .notice.ok').length === 2")
-    await tab.page.wait_for_selector('#state[data-state="open"]')
 
 
 # -- loading squall.js, and its API -------------------------------------------------
