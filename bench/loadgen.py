@@ -1,7 +1,8 @@
-"""Load generator for WebSocket fan-out servers: Squall, the Tornado baseline and nchan.
+"""Load generator for fan-out servers: Squall, the Tornado baseline and nchan.
 
 Runs in its own process on uvloop with the raw protocols of ``rawproto``. It opens N
-WebSocket subscribers on one topic and publishes 100-byte JSON events through
+subscribers on one topic (WebSocket; for Squall also SSE or the TCP line protocol,
+``--transport``) and publishes 100-byte JSON events through
 keep-alive HTTP/1.1 POSTs, then prints one JSON line per measurement on stdout:
 
 - ``fanout_max``: deliveries/s (messages received by all subscribers / time) while
@@ -38,10 +39,12 @@ from typing import Any
 
 from rawproto import (
     HttpClient,
+    Subscriber,
     Url,
     WebSocketClient,
     encode_client_frame,
     open_http,
+    open_subscriber,
     open_websocket,
     post_request,
 )
@@ -70,6 +73,12 @@ PRESETS: dict[str, dict[str, str]] = {
 }
 PRESETS["baseline"] = dict(PRESETS["squall"])
 PRESETS["squall-redis"] = dict(PRESETS["squall"])
+PRESETS["squall-base"] = dict(PRESETS["squall"])
+PRESETS["squall-sse"] = {**PRESETS["squall"],
+                         "sub_url": "http://127.0.0.1:{port}/v1/sse?topic={topic}"}
+PRESETS["squall-tcp"] = {**PRESETS["squall"], "sub_url": "tcp://127.0.0.1:{tcp_port}"}
+# the subscribers' transport of each preset (ws unless named here)
+TRANSPORTS = {"squall-sse": "sse", "squall-tcp": "tcp"}
 
 
 def event_body(sent_ns: int = 0) -> bytes:
@@ -326,41 +335,38 @@ async def _wait_event(event: asyncio.Event, timeout: float) -> bool:
 # -- subscribers --------------------------------------------------------------------------
 
 
-async def connect_subscribers(
-    url: Url, subprotocol: str, count: int, batch: int
-) -> list[WebSocketClient]:
+async def connect_subscribers(bench: Bench, count: int) -> list[Subscriber]:
     """Open ``count`` subscribers, ``batch`` handshakes at a time (listen backlogs are short)."""
-    clients: list[WebSocketClient] = []
-    for start in range(0, count, batch):
-        size = min(batch, count - start)
-        clients.extend(await _connect_batch(url, subprotocol, size))
+    clients: list[Subscriber] = []
+    for start in range(0, count, bench.connect_batch):
+        size = min(bench.connect_batch, count - start)
+        clients.extend(await _connect_batch(bench, size))
     return clients
 
 
-async def _connect_batch(
-    url: Url, subprotocol: str, size: int, attempts: int = 3
-) -> list[WebSocketClient]:
-    opened: list[WebSocketClient] = []
+async def _connect_batch(bench: Bench, size: int, attempts: int = 3) -> list[Subscriber]:
+    opened: list[Subscriber] = []
     failure: BaseException | None = None
     for _ in range(attempts):
         results = await asyncio.gather(
-            *(open_websocket(url, subprotocol) for _ in range(size - len(opened))),
+            *(open_subscriber(bench.transport, bench.sub_url, bench.subprotocol, bench.topic)
+              for _ in range(size - len(opened))),
             return_exceptions=True,
         )
-        opened.extend(r for r in results if isinstance(r, WebSocketClient))
+        opened.extend(r for r in results if not isinstance(r, BaseException))
         failure = next((r for r in results if isinstance(r, BaseException)), None)
         if len(opened) == size:
             return opened
         await asyncio.sleep(0.5)
-    raise ConnectionError(f"{size - len(opened)} WebSocket connects failed: {failure!r}")
+    raise ConnectionError(f"{size - len(opened)} subscriber connects failed: {failure!r}")
 
 
-def delivered(subscribers: Sequence[WebSocketClient]) -> int:
+def delivered(subscribers: Sequence[Subscriber]) -> int:
     return sum(client.messages for client in subscribers)
 
 
 async def wait_until_registered(
-    subscribers: Sequence[WebSocketClient],
+    subscribers: Sequence[Subscriber],
     publishers: HttpPublishers,
     probe: bytes,
     timeout: float = 20.0,
@@ -381,7 +387,7 @@ async def wait_until_registered(
 
 
 async def settle(
-    subscribers: Sequence[WebSocketClient], quiet: float = 0.3, limit: float = 20.0
+    subscribers: Sequence[Subscriber], quiet: float = 0.3, limit: float = 20.0
 ) -> None:
     """Wait until no message has arrived for ``quiet`` seconds (at most ``limit``)."""
     last, deadline = -1, time.monotonic() + limit
@@ -425,7 +431,8 @@ class Bench:
     server_pids: list[int]
     publishers: int
     connect_batch: int
-    subscribers: list[WebSocketClient] = field(default_factory=list)
+    transport: str = "ws"
+    subscribers: list[Subscriber] = field(default_factory=list)
 
     def snapshot(self, accepted: int = 0) -> Snapshot:
         pids = self.server_pids
@@ -452,9 +459,7 @@ class Bench:
 async def fanout(bench: Bench, args: argparse.Namespace) -> None:
     """Max-rate repetitions, then latency at a fixed rate, on one set of subscribers."""
     started = time.monotonic()
-    bench.subscribers = await connect_subscribers(
-        bench.sub_url, bench.subprotocol, args.n, bench.connect_batch
-    )
+    bench.subscribers = await connect_subscribers(bench, args.n)
     connect_s = time.monotonic() - started
     publishers = HttpPublishers(bench.pub_url)
     await publishers.connect(bench.publishers)
@@ -463,7 +468,8 @@ async def fanout(bench: Bench, args: argparse.Namespace) -> None:
     )
     for run in range(1, args.repeat + 1):
         result = await max_rate(bench, publishers, args)
-        bench.emit("fanout_max", n=args.n, run=run, connect_s=round(connect_s, 2), **result)
+        bench.emit("fanout_max", n=args.n, run=run + args.run_offset,
+                   connect_s=round(connect_s, 2), **result)
     if args.latency_rate > 0:
         result = await latency(bench, publishers, args)
         bench.emit("fanout_latency", n=args.n, **result)
@@ -584,15 +590,11 @@ async def publish_at_rate(publishers: HttpPublishers, url: Url, rate: float, cou
 
 async def idle(bench: Bench, args: argparse.Namespace) -> None:
     """RSS per idle subscriber: server RSS after N more connections minus before, over N."""
-    warm = await connect_subscribers(
-        bench.sub_url, bench.subprotocol, args.warm, bench.connect_batch
-    )
+    warm = await connect_subscribers(bench, args.warm)
     await asyncio.sleep(args.settle)
     before = rss_kb(bench.server_pids)
     started = time.monotonic()
-    bench.subscribers = await connect_subscribers(
-        bench.sub_url, bench.subprotocol, args.n, bench.connect_batch
-    )
+    bench.subscribers = await connect_subscribers(bench, args.n)
     connect_s = time.monotonic() - started
     await asyncio.sleep(args.settle)
     after = rss_kb(bench.server_pids)
@@ -612,7 +614,7 @@ async def idle(bench: Bench, args: argparse.Namespace) -> None:
 
 async def ingest(bench: Bench, args: argparse.Namespace) -> None:
     """Events/s accepted by each publish path, with one counting subscriber."""
-    bench.subscribers = await connect_subscribers(bench.sub_url, bench.subprotocol, 1, 1)
+    bench.subscribers = await connect_subscribers(bench, 1)
     publishers = HttpPublishers(bench.pub_url)
     await publishers.connect(bench.publishers)
     await wait_until_registered(
@@ -671,6 +673,9 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--target", choices=sorted(PRESETS), default="squall")
     parser.add_argument("--label", help="name in the output (default: the target)")
     parser.add_argument("--port", type=int, default=8888)
+    parser.add_argument("--tcp-port", type=int, default=0, help="the server's --tcp-port")
+    parser.add_argument("--transport", choices=("ws", "sse", "tcp"),
+                        help="the subscribers' transport (default: the target's)")
     parser.add_argument("--topic", default="bench")
     for name in ("sub-url", "pub-url", "batch-url", "ws-pub-url"):
         parser.add_argument(f"--{name}", help="template with {port} and {topic}")
@@ -682,6 +687,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     fan = modes.add_parser("fanout", help="max deliveries/s, then latency at a fixed rate")
     fan.add_argument("-n", type=int, required=True, help="subscribers")
     fan.add_argument("--repeat", type=int, default=3)
+    fan.add_argument("--run-offset", type=int, default=0, help="numbers runs from offset + 1")
     fan.add_argument("--duration", type=float, default=5.0)
     fan.add_argument("--warmup", type=float, default=1.0)
     fan.add_argument(
@@ -711,7 +717,9 @@ def make_bench(args: argparse.Namespace) -> Bench:
 
     def url(name: str) -> Url | None:
         template = getattr(args, name) or preset[name]
-        return Url.parse(template.format(port=args.port, topic=args.topic)) if template else None
+        if not template:
+            return None
+        return Url.parse(template.format(port=args.port, tcp_port=args.tcp_port, topic=args.topic))
 
     sub_url, pub_url = url("sub_url"), url("pub_url")
     assert sub_url is not None and pub_url is not None
@@ -726,6 +734,7 @@ def make_bench(args: argparse.Namespace) -> Bench:
         server_pids=args.server_pid,
         publishers=args.publishers,
         connect_batch=args.connect_batch,
+        transport=args.transport or TRANSPORTS.get(args.target, "ws"),
     )
 
 

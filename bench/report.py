@@ -7,7 +7,13 @@ from pathlib import Path
 from typing import Any
 
 Result = dict[str, Any]
-SERVERS = ("squall", "squall-redis", "baseline", "nchan")
+SERVERS = ("squall", "squall-sse", "squall-tcp", "squall-base", "squall-redis", "baseline",
+           "nchan")
+# (server, reference) pairs compared in a ratio row of their own, above 1.00x favouring
+# the first: Squall's SSE and TCP transports against its WebSocket, the WebSocket against
+# the base commit, and the Redis broker against the memory broker
+OWN_RATIOS = (("squall-sse", "squall"), ("squall-tcp", "squall"), ("squall", "squall-base"),
+              ("squall-redis", "squall"))
 REFERENCES = ("baseline", "nchan")
 SATURATED = 0.9  # load generator CPU (cores) above which a max-rate cell is a lower bound
 
@@ -91,12 +97,14 @@ def ratio_rows(
             cells.append(ratio(theirs, ours) if invert else ratio(ours, theirs))
         label = f"{reference} / squall" if invert else f"squall / {reference}"
         rows.append([f"*{label}*", *cells])
-    if "squall-redis" in servers and "squall" in servers:  # what the Redis broker costs
+    for server, reference in OWN_RATIOS:
+        if server not in servers or reference not in servers:
+            continue
         cells = []
         for column in columns:
-            ours, memory = value("squall-redis", column), value("squall", column)
-            cells.append(ratio(memory, ours) if invert else ratio(ours, memory))
-        label = "squall / squall-redis" if invert else "squall-redis / squall"
+            ours, theirs = value(server, column), value(reference, column)
+            cells.append(ratio(theirs, ours) if invert else ratio(ours, theirs))
+        label = f"{reference} / {server}" if invert else f"{server} / {reference}"
         rows.append([f"*{label}*", *cells])
     return rows
 
@@ -178,7 +186,8 @@ def idle_section(results: list[Result], sizes: Sequence[int]) -> list[str]:
         result = found.get((server, n))
         return result["kb_per_connection"] if result else None
 
-    lines = ["## Idle memory: server RSS per idle WebSocket connection", ""]
+    lines = ["## Idle memory: server RSS per idle connection (WebSocket; SSE and TCP for "
+             "squall-sse and squall-tcp)", ""]
     lines += ["(RSS after N more connections minus before) / N, in KiB:", ""]
     header = ["server", *(f"N={n}" for n in sizes), *(f"RSS at N={n}, MB" for n in sizes)]
     rows = []
@@ -259,7 +268,8 @@ def write_plot(path: Path, results: list[Result], sizes: Sequence[int]) -> bool:
         right.plot(xs, [latency[(server, n)]["p99_ms"] for n in xs], "o-", label=server)
     left.set(xscale="log", xlabel="subscribers (N)", ylabel="deliveries/s")
     left.set_title("max fan-out rate (higher is better)")
-    right.set(xscale="log", yscale="log", xlabel="subscribers (N)", ylabel="p99 latency, ms")
+    right.set(xscale="log", yscale="log" if latency else "linear", xlabel="subscribers (N)",
+              ylabel="p99 latency, ms")
     right.set_title("p99 latency at a fixed delivery rate (lower is better)")
     for axes in (left, right):
         axes.xaxis.set_minor_locator(NullLocator())

@@ -35,6 +35,8 @@ LOADGEN = servers.BENCH_DIR / "loadgen.py"
 # server always has publishes waiting while the load generator reads a burst.
 PUBLISHERS = 64
 Result = dict[str, Any]
+# the same server as "squall", other subscribers: its ingest is measured once, there
+ONE_PUBLISH_PATH = ("squall-sse", "squall-tcp")
 
 
 @dataclass(frozen=True)
@@ -98,6 +100,7 @@ class Driver:
     ) -> list[Result]:
         command = [sys.executable, str(LOADGEN), "--target", server.name]
         command += ["--port", str(server.port), "--publishers", str(PUBLISHERS)]
+        command += ["--tcp-port", str(server.tcp_port)] if server.tcp_port else []
         command += [arg for pid in server.pids for arg in ("--server-pid", str(pid))]
         command = servers.pinned([*command, *mode_args], self.loadgen_cpu)
         try:
@@ -163,18 +166,26 @@ def summary(line: Result) -> str:
     return f"   {target:8} ingest {line['kind']}: {report.rate(line['events_per_s'])}"
 
 
-def run_fanout(driver: Driver, targets: Sequence[str]) -> None:
+def run_fanout(driver: Driver, targets: Sequence[str], interleave: bool = False) -> None:
+    """Max rate (best of ``repeat``) and latency per target and N. With ``interleave``
+    the targets take turns, one max-rate run each per round (latency in the last
+    round), so that a busy spell of the machine falls on all of them alike."""
     plan = driver.plan
+    rounds = plan.repeat if interleave else 1
     for n in plan.sizes:
         print(f"== fan-out, N={n}", flush=True)
-        for target in targets:
-            args = ["fanout", "-n", str(n), "--repeat", str(plan.repeat)]
-            args += ["--duration", str(plan.duration), "--warmup", str(plan.warmup)]
-            args += ["--latency-rate", str(plan.latency_rate)]
-            args += ["--latency-duration", str(plan.latency_duration)]
-            per_run = plan.warmup + plan.duration + 40
-            timeout = 60 + n / 200 + plan.repeat * per_run + plan.latency_duration + 45
-            driver.run_cell(target, args, timeout)
+        for index in range(rounds):
+            last = index == rounds - 1
+            for target in targets:
+                repeat = 1 if interleave else plan.repeat
+                args = ["fanout", "-n", str(n), "--repeat", str(repeat), "--run-offset",
+                        str(index)]
+                args += ["--duration", str(plan.duration), "--warmup", str(plan.warmup)]
+                args += ["--latency-rate", str(plan.latency_rate if last else 0)]
+                args += ["--latency-duration", str(plan.latency_duration)]
+                per_run = plan.warmup + plan.duration + 40
+                timeout = 60 + n / 200 + repeat * per_run + plan.latency_duration + 45
+                driver.run_cell(target, args, timeout)
 
 
 def run_idle(driver: Driver, targets: Sequence[str]) -> None:
@@ -187,7 +198,7 @@ def run_idle(driver: Driver, targets: Sequence[str]) -> None:
 def run_ingest(driver: Driver, targets: Sequence[str]) -> None:
     plan = driver.plan
     print("== publish ingest, one subscriber", flush=True)
-    for target in targets:
+    for target in [t for t in targets if t not in ONE_PUBLISH_PATH]:
         args = ["ingest", "--kind", "single", "batch", "ws"]
         args += ["--duration", str(plan.ingest_duration), "--warmup", str(plan.warmup)]
         args += ["--batch-size", str(plan.batch_size)]
@@ -200,7 +211,7 @@ def available_targets(requested: Sequence[str], driver: Driver) -> list[str]:
     for target in requested:
         if target == "nchan" and servers.nchan_module() is None:
             driver.skip(target, "nginx with the nchan module is not installed (see README.md)")
-        elif target == "squall" and not (servers.ROOT / "run.py").exists():
+        elif target.startswith("squall") and not (servers.ROOT / "run.py").exists():
             driver.skip(target, "run.py not found")
         elif target == "squall-redis" and servers.find_redis_server() is None:
             driver.skip(target, "no redis-server (apt-get install redis-server)")
@@ -262,7 +273,8 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--quick", action="store_true", help="smoke run: small N, short runs")
     parser.add_argument("--repeat", type=int, help="max-rate runs per cell (default 3)")
-    parser.add_argument("--targets", default="squall,baseline,nchan", help="comma-separated")
+    parser.add_argument("--targets", default="squall,squall-sse,squall-tcp,squall-base,"
+                        "baseline,nchan", help="comma-separated")
     parser.add_argument("--sizes", type=int, nargs="+", help="subscriber counts N")
     parser.add_argument("--idle-sizes", type=int, nargs="+", help="idle connection counts")
     parser.add_argument("--duration", type=float, help="measured seconds per max-rate run")
@@ -270,6 +282,8 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--latency-duration", type=float, help="seconds of fixed-rate publishing")
     parser.add_argument("--skip", nargs="*", default=[], choices=("fanout", "idle", "ingest"))
     parser.add_argument("--no-pin", action="store_true", help="do not pin with taskset")
+    parser.add_argument("--interleave", action="store_true",
+                        help="fan-out: targets take turns, one max-rate run each per round")
     parser.add_argument("--out", type=Path, default=servers.BENCH_DIR / "results")
     return parser.parse_args(argv)
 
@@ -286,7 +300,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     driver = Driver(plan, args.out, pin=not args.no_pin)
     targets = available_targets([t for t in args.targets.split(",") if t], driver)
     if "fanout" not in args.skip:
-        run_fanout(driver, targets)
+        run_fanout(driver, targets, args.interleave)
     if "idle" not in args.skip:
         run_idle(driver, targets)
     if "ingest" not in args.skip:

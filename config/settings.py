@@ -64,6 +64,8 @@ class Settings:
                                          group="serving")
     port: int = _setting(8888, "port to listen on (0: any free port)", group="serving",
                          minimum=0, maximum=65535)
+    tcp_port: int = _setting(0, "port of the TCP line protocol, on --host (0: off)",
+                             group="serving", minimum=0, maximum=65535)
     broker: str = _setting("memory://", "broker URL: memory://, or redis://HOST:6379/0 "
                            "(also rediss:// and unix://) for a Redis shared by every node",
                            group="serving")
@@ -99,8 +101,9 @@ class Settings:
                                      group="limits", minimum=1)
     max_stream_bytes: int = _setting(64 * MiB, "largest streaming batch (application/"
                                      "x-ndjson) body, in bytes", group="limits", minimum=1)
-    max_frame_bytes: int = _setting(128 * KiB, "largest WebSocket message from a client "
-                                    "(closed with 1009 above)", group="limits", minimum=125)
+    max_frame_bytes: int = _setting(128 * KiB, "largest message from a client: a WebSocket "
+                                    "message or a TCP line (closed with 1009 above)",
+                                    group="limits", minimum=125)
     max_topic_length: int = _setting(255, "longest topic name", group="limits", minimum=1)
     max_subscriptions: int = _setting(100, "most subscriptions per connection; more get "
                                       "the error too_many_subscriptions", group="limits",
@@ -124,10 +127,10 @@ class Settings:
     max_header_bytes: int = _setting(64 * KiB, "largest request head (request line and "
                                      "headers), in bytes (431 above)", group="limits",
                                      minimum=1024)
-    max_connections: int = _setting(20_000, "WebSocket connections this process holds at "
-                                    "most; more are closed with 4029 (0: no limit)",
-                                    group="limits", minimum=0)
-    max_connections_per_ip: int = _setting(1000, "WebSocket connections per client address; "
+    max_connections: int = _setting(20_000, "client connections (WebSocket, SSE, TCP) this "
+                                    "process holds at most; more are closed with 4029 "
+                                    "(0: no limit)", group="limits", minimum=0)
+    max_connections_per_ip: int = _setting(1000, "client connections per client address; "
                                            "more are closed with 4029 (0: no limit)",
                                            group="limits", minimum=0)
     frame_rate: float = _setting(100.0, "frames a second one connection may send on average; "
@@ -135,6 +138,10 @@ class Settings:
                                  group="limits", minimum=0)
     frame_burst: int = _setting(200, "frames one connection may send at once above "
                                 "frame_rate", group="limits", minimum=1)
+    max_pending_bytes: int = _setting(1 * MiB, "bytes of client frames one connection may "
+                                      "have waiting behind one under way (a replay, a "
+                                      "publish); more get rate_limited", group="limits",
+                                      minimum=1024)
     publish_rate: float = _setting(0.0, "HTTP publishes a second per API key, token "
                                    "subject or address; more get 429 (0: no limit)",
                                    group="limits", minimum=0)
@@ -153,6 +160,10 @@ class Settings:
                                     group="limits", minimum=0)
     ping_timeout: float = _setting(20.0, "seconds to wait for a pong before closing "
                                    "with 1001 (0: never close)", group="limits", minimum=0)
+    sse_heartbeat: float = _setting(15.0, "seconds between comment lines on idle SSE streams "
+                                    "(0: none)", group="limits", minimum=0)
+    sse_retry: float = _setting(3.0, "seconds an EventSource waits before it reconnects "
+                                "(the stream's retry: field)", group="limits", minimum=0)
     history_size: int = _setting(100, "events retained per topic (0: no history)",
                                  group="history", minimum=0)
     history_ttl: float = _setting(300.0, "seconds events are retained (0: no age limit)",

@@ -73,6 +73,9 @@ def _check_together(check: _Checker) -> None:
         raise check.fail("send_queue_bytes", f"must hold one largest event: at least "
                          f"max_event_bytes + {QUEUE_HEADROOM} = {need}, with "
                          f"{check.other('max_event_bytes')}")
+    if settings.max_pending_bytes < settings.max_frame_bytes:
+        raise check.fail("max_pending_bytes", f"must hold one largest frame: at least "
+                         f"{check.other('max_frame_bytes')}")
     if settings.ping_interval and settings.ping_timeout > settings.ping_interval:
         raise check.fail("ping_timeout", f"must not exceed {check.other('ping_interval')}")
     if settings.workers > 1 and settings.broker.startswith("memory:"):

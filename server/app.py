@@ -14,9 +14,10 @@ from handlers.base import NotFoundHandler, StaticHandler
 from handlers.info import HealthHandler, MetricsHandler, ReadyHandler, TopicsHandler
 from handlers.openapi import OpenApiHandler
 from handlers.publish import BatchHandler, TopicEventsHandler
-from handlers.ws import SocketHandler
 from server.auth import redacted_uri
 from server.node import Node
+from transports.sse import EventStreamHandler
+from transports.websocket import WebSocketHandler
 
 access_log = logging.getLogger("squall.access")
 
@@ -24,7 +25,8 @@ STATIC_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file
 
 
 def access_logger(enabled: bool, requests: Counter) -> Callable[[RequestHandler], None]:
-    """One line per HTTP request (a WebSocket counts once, at its handshake)."""
+    """One line per HTTP request (a WebSocket or an SSE stream counts once, when it
+    opens)."""
 
     def log_request(handler: RequestHandler) -> None:
         status = handler.get_status()
@@ -45,14 +47,15 @@ def access_logger(enabled: bool, requests: Counter) -> Callable[[RequestHandler]
 
 
 def make_app(node: Node, **tornado_settings: Any) -> Application:
-    """The HTTP and WebSocket routes of ``node``, with its limits applied."""
+    """The HTTP, WebSocket and SSE routes of ``node``, with its limits applied."""
     settings = node.settings
     deps = {"node": node, "auth": node.auth}
     routes: list[Any] = [
         (r"/v1/topics/([^/]+)/events", TopicEventsHandler, deps),
         (r"/v1/events", BatchHandler, deps),
         (r"/v1/topics", TopicsHandler, deps),
-        (r"/v1/ws", SocketHandler, deps),
+        (r"/v1/ws", WebSocketHandler, deps),
+        (r"/v1/sse", EventStreamHandler, deps),
         (r"/healthz", HealthHandler, deps),
         (r"/readyz", ReadyHandler, deps),
         (r"/metrics", MetricsHandler, deps),
@@ -64,7 +67,6 @@ def make_app(node: Node, **tornado_settings: Any) -> Application:
         routes,
         default_handler_class=NotFoundHandler,
         default_handler_args=deps,
-        websocket_max_message_size=settings.max_frame_bytes,
         log_function=access_logger(settings.access_log, node.metrics.http_requests),
         **tornado_settings,
     )

@@ -1,4 +1,4 @@
-"""Wire formats: JSON and msgpack, and the WebSocket frame bytes built from them.
+"""Codecs: JSON and msgpack values to bytes and back (framing is in server/wire.py).
 
 Every payload a client sends is decoded here, and every error is a ``SquallError``
 with code ``invalid_body``: callers never see a parser's own exception types.
@@ -9,7 +9,6 @@ from __future__ import annotations
 import base64
 import json
 import math
-import struct
 from dataclasses import dataclass
 from typing import Any
 
@@ -25,10 +24,6 @@ MSGPACK_TYPES = ("application/msgpack", "application/x-msgpack")
 # Values nested deeper than this (arrays and maps in each other) are refused: every
 # encoder and decoder on the way recurses, and no event needs more.
 MAX_DEPTH = 64
-
-_OPCODE_TEXT = 0x1
-_OPCODE_BINARY = 0x2
-_FIN = 0x80
 
 
 def _reject_constant(name: str) -> None:
@@ -201,7 +196,7 @@ def _first_line(exc: BaseException) -> str:
 
 @dataclass(frozen=True, eq=False)
 class Codec:
-    """One wire format: how values become bytes and which WebSocket opcode carries them.
+    """One encoding: how values become bytes, and the WebSocket subprotocol naming it.
 
     Codecs are singletons (``JSON``, ``MSGPACK``) compared and hashed by identity.
     """
@@ -220,28 +215,10 @@ class Codec:
             return load_msgpack(raw)
         return load_json(raw)
 
-    def frame(self, value: Any) -> bytes:
-        """The complete unmasked WebSocket frame carrying ``value``."""
-        return ws_frame(self.dumps(value), self.binary)
-
 
 JSON = Codec("json", "squall.v1.json", binary=False)
 MSGPACK = Codec("msgpack", "squall.v1.msgpack", binary=True)
 CODECS = (JSON, MSGPACK)
-BY_SUBPROTOCOL = {codec.subprotocol: codec for codec in CODECS}
-
-
-def ws_frame(payload: bytes, binary: bool) -> bytes:
-    """A single final server-to-client frame (RFC 6455 5.2): header plus payload."""
-    first = _FIN | (_OPCODE_BINARY if binary else _OPCODE_TEXT)
-    length = len(payload)
-    if length < 126:
-        header = struct.pack("!BB", first, length)
-    elif length < 65536:
-        header = struct.pack("!BBH", first, 126, length)
-    else:
-        header = struct.pack("!BBQ", first, 127, length)
-    return header + payload
 
 
 def media_codec(content_type: str | None) -> Codec | None:

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from typing import Any, NamedTuple
 
-from server.codec import JSON, Codec
+from server.wire import WS_JSON, WireFormat
 
 
 class EventId(NamedTuple):
@@ -35,8 +35,8 @@ class EventId(NamedTuple):
 class Event:
     """One published event. Immutable by convention; its wire frames are built once.
 
-    ``frame(codec)`` returns the complete WebSocket frame bytes for a codec, encoded
-    on first use and shared by every subscriber and every replay afterwards.
+    ``frame(wire)`` returns the bytes carrying it in a wire format (server/wire.py),
+    encoded on first use and shared by every subscriber and every replay afterwards.
     """
 
     __slots__ = ("_frames", "data", "id", "seq", "topic", "ts")
@@ -47,22 +47,22 @@ class Event:
         self.seq = event_id.seq
         self.ts = ts
         self.data = data
-        self._frames: dict[Codec, bytes] = {}
+        self._frames: dict[WireFormat, bytes] = {}
 
     def as_dict(self) -> dict[str, Any]:
         return {"type": "event", "topic": self.topic, "id": self.id, "ts": self.ts,
                 "data": self.data}
 
-    def frame(self, codec: Codec) -> bytes:
-        frame = self._frames.get(codec)
+    def frame(self, wire: WireFormat) -> bytes:
+        frame = self._frames.get(wire)
         if frame is None:
-            frame = self._frames[codec] = codec.frame(self.as_dict())
+            frame = self._frames[wire] = wire.event_frame(self)
         return frame
 
     @property
     def size(self) -> int:
-        """Bytes this event costs to keep: its JSON frame, the common form."""
-        return len(self.frame(JSON))
+        """Bytes this event costs to keep: its WebSocket JSON frame, the common form."""
+        return len(self.frame(WS_JSON))
 
     def __repr__(self) -> str:
         return f"Event({self.topic!r}, {self.id!r})"

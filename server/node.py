@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import asyncio
+import itertools
 import logging
+import os
 import socket
 from collections.abc import Sequence
 from typing import NamedTuple
@@ -19,6 +21,7 @@ from server.keepalive import Keepalive
 from server.metrics import Metrics, MetricSource
 from server.ratelimit import Limits
 from server.topics import is_pattern
+from server.wire import WireFormat
 
 log = logging.getLogger("squall.node")
 
@@ -55,6 +58,10 @@ class Node:
                        observe_fanout=self.metrics.fanout_seconds.observe,
                        flusher=Flusher(WRITE_PACE, settings.write_delay))
         self.keepalive = Keepalive(settings.ping_interval, settings.ping_timeout)
+        self.heartbeat = Keepalive(settings.sse_heartbeat, 0)  # answered by no one
+        # made here, in the worker: ids are unique across workers and nodes
+        self._client_prefix = os.urandom(6).hex()
+        self._client_ids = itertools.count(1)
         self.metrics.watch(self)
         self.webhooks = extensions.webhook_dispatcher(settings, self.name)
         self.auth_hook = extensions.auth_hook(settings, self.name)
@@ -68,6 +75,7 @@ class Node:
     async def start(self) -> None:
         await self.broker.start(self.hub.deliver)
         self.keepalive.start()
+        self.heartbeat.start()
         if self.webhooks is not None:
             self.webhooks.start()
 
@@ -77,7 +85,7 @@ class Node:
         await self.close()
 
     async def drain(self, timeout: float) -> None:
-        """Turn unready, close every WebSocket with 1001 (clients reconnect elsewhere)
+        """Turn unready, close every client with 1001 (clients reconnect elsewhere)
         and wait, up to ``timeout``, for publishes under way to finish."""
         self.shutting_down = True
         self.hub.close_all(CLOSE_GOING_AWAY, "server shutting down")
@@ -87,11 +95,24 @@ class Node:
     async def close(self) -> None:
         """Release the keepalive, the broker, the webhooks and the signal queues."""
         await self.keepalive.stop()
+        await self.heartbeat.stop()
         await self.broker.close()
         timeout = self.settings.shutdown_timeout / 2
         if self.webhooks is not None:
             await self.webhooks.close(timeout)
         await signals.shutdown(timeout)
+
+    def new_client_id(self) -> str:
+        """A client id no other worker or node gives out: ``c-`` and 48 random bits
+        chosen by this node, then a counter."""
+        return f"c-{self._client_prefix}{next(self._client_ids):x}"
+
+    def keepalive_for(self, wire: WireFormat) -> Keepalive | None:
+        """What keeps a client on ``wire`` alive: pings it must answer (WebSocket), a
+        heartbeat it need not answer (SSE), or nothing (TCP)."""
+        if wire.ping is None:
+            return None
+        return self.keepalive if wire.answers_pings else self.heartbeat
 
     @property
     def ready(self) -> bool:

@@ -28,6 +28,7 @@ from server.app import make_app
 from server.httpserver import Connections, SquallHTTPServer, server_metrics
 from server.logs import setup_logging
 from server.node import Node
+from transports.tcp import LineServer, bind_tcp, serve_lines
 
 log = logging.getLogger("squall")
 
@@ -54,13 +55,18 @@ def serve(settings: Settings) -> int:
         log.error("cannot listen on %s:%s: %s (another port: --port or SQUALL_PORT)",
                   settings.host, settings.port, exc.strerror)
         return 1
+    try:
+        tcp_sockets = bind_tcp(settings)
+    except OSError as exc:
+        log.error("cannot listen on %s:%s: %s", settings.host, settings.tcp_port, exc.strerror)
+        return 1
     if settings.workers > 1:
         status = _run_workers(settings.workers)
         if status is not None:  # the parent, once every worker has exited
-            for sock in sockets:
+            for sock in [*sockets, *tcp_sockets]:
                 sock.close()
             return status
-    return run_loop(settings.event_loop, _serve(settings, sockets))
+    return run_loop(settings.event_loop, _serve(settings, sockets, tcp_sockets))
 
 
 def run_loop(kind: str, main: Coroutine[Any, Any, int]) -> int:
@@ -148,11 +154,13 @@ def _exit_status(wait_status: int) -> int:
     return code if code >= 0 else 128 - code
 
 
-async def _serve(settings: Settings, sockets: list[socket.socket]) -> int:
+async def _serve(settings: Settings, sockets: list[socket.socket],
+                 tcp_sockets: list[socket.socket]) -> int:
     node = Node(settings)
     await node.start()
     server = http_server(node)
     server.add_sockets(sockets)
+    lines = serve_lines(node, tcp_sockets)
     _warn_if_open(settings)
     port = sockets[0].getsockname()[1]
     log.info("listening on http://%s:%d with broker %s", settings.host, port,
@@ -162,13 +170,16 @@ async def _serve(settings: Settings, sockets: list[socket.socket]) -> int:
     for signum in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(signum, stopping.set)
     await stopping.wait()
-    return await _shutdown(node, server, settings.shutdown_timeout)
+    return await _shutdown(node, server, settings.shutdown_timeout, lines)
 
 
-async def _shutdown(node: Node, server: SquallHTTPServer, timeout: float) -> int:
-    """Stop accepting, close WebSockets with 1001, finish in-flight requests."""
+async def _shutdown(node: Node, server: SquallHTTPServer, timeout: float,
+                    lines: LineServer | None = None) -> int:
+    """Stop accepting, close every client with 1001, finish in-flight requests."""
     log.info("shutting down (up to %.0fs)", timeout)
     server.stop()
+    if lines is not None:
+        lines.stop()
     await node.drain(timeout)
     try:
         await asyncio.wait_for(server.close_all_connections(), timeout)

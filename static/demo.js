@@ -9,6 +9,7 @@ const $ = (selector) => document.querySelector(selector);
 
 const ui = {
   state: $("#state"),
+  transport: $("#transport"),
   stateDetail: $("#state-detail"),
   url: $("#url"),
   token: $("#token"),
@@ -27,6 +28,7 @@ const ui = {
   pause: $("#pause"),
 };
 
+const params = new URLSearchParams(location.search);
 let client = null;
 let connectedWith = null;           // {url, token} of the current client
 let opens = 0;                      // how many times a connection opened
@@ -46,8 +48,13 @@ function connect() {
   if (client) client.close();
   const token = ui.token.value.trim() || null;
   connectedWith = {url: ui.url.value.trim(), token};
-  client = new Squall(connectedWith.url, {token});
+  client = new Squall(connectedWith.url, {token, transport: params.get("transport") || "auto"});
   client.on("state", showState);
+  client.on("transport", ({transport}) => {
+    ui.transport.hidden = false;
+    ui.transport.textContent = transport === "sse" ? "over SSE" : "over WebSocket";
+    ui.transport.dataset.transport = transport;
+  });
   client.on("recovery_failed", ({topic}) => {
     notice(`${topic}: the events missed while disconnected could not be recovered; ` +
            "an app would reload its state now.", "warn");
@@ -298,8 +305,7 @@ $("#clear").addEventListener("click", () => {
   ui.logEmpty.hidden = false;
 });
 
-// ?url=...&topic=a&topic=b preset the connection and the subscriptions
-const params = new URLSearchParams(location.search);
+// ?url=...&topic=a&topic=b&transport=sse preset the connection and the subscriptions
 ui.url.value = params.get("url") || defaultUrl();
 curlHint();
 connect();

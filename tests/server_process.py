@@ -6,6 +6,7 @@ import asyncio
 import json
 import os
 import re
+import socket
 import subprocess
 import sys
 import threading
@@ -18,6 +19,14 @@ T = TypeVar("T")
 
 ROOT = Path(__file__).resolve().parent.parent
 _LISTENING = re.compile(r"listening on http://[^:]+:(\d+)")
+_TCP = re.compile(r"TCP line protocol on [^:]+:(\d+)")
+
+
+def free_port() -> int:
+    """A port nothing listens on now (for a server that must come back on the same one)."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
 
 
 def run_async(coroutine: Coroutine[Any, Any, T]) -> T:
@@ -44,6 +53,7 @@ class ServerProcess:
         self.env = {**os.environ, **(env or {})}
         self.process: subprocess.Popen[str] | None = None
         self.port = 0
+        self.tcp_port = 0  # with --tcp-port: the port it logged
         self.log: list[str] = []
         self._listening = threading.Event()
 
@@ -77,6 +87,9 @@ class ServerProcess:
         assert process is not None and process.stdout is not None
         for line in process.stdout:
             self.log.append(line)
+            tcp = _TCP.search(line)
+            if tcp:
+                self.tcp_port = int(tcp.group(1))
             found = _LISTENING.search(line)
             if found and not listening.is_set():
                 self.port = int(found.group(1))
