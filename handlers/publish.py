@@ -213,11 +213,12 @@ def _entry(index: int, entry: Any, codec: Codec, settings: Any) -> PublishReques
     if key is not None and not (isinstance(key, str) and 0 < len(key) <= MAX_KEY_LENGTH):
         raise SquallError("invalid_body", f"{where}: idempotency_key must be a string of 1 "
                           f"to {MAX_KEY_LENGTH} characters")
-    size = len(codec.dumps(entry["data"]))
+    encoded = codec.dumps(entry["data"])
+    size = len(encoded)
     if size > settings.max_event_bytes:
         raise SquallError("payload_too_large", f"{where}: data is {size} bytes; the limit "
                           f"is {settings.max_event_bytes}")
-    return PublishRequest(topic, entry["data"], key)
+    return PublishRequest(topic, entry["data"], key, None if codec.binary else encoded)
 
 
 def _topic(raw: str, max_length: int) -> str:

@@ -130,11 +130,12 @@ class NdjsonPublisher:
         if key is not None and not (isinstance(key, str) and 0 < len(key) <= MAX_KEY_LENGTH):
             raise SquallError("invalid_body", f"idempotency_key must be a string of 1 to "
                               f"{MAX_KEY_LENGTH} characters")
-        size = len(dump_json(entry["data"]))
+        encoded = dump_json(entry["data"])
+        size = len(encoded)
         if size > self.settings.max_event_bytes:
             raise SquallError("payload_too_large", f"data is {size} bytes; the limit is "
                               f"{self.settings.max_event_bytes}")
-        return PublishRequest(topic, entry["data"], key)
+        return PublishRequest(topic, entry["data"], key, encoded)
 
     async def _send(self, results: list[LineResult], requests: list[PublishRequest]) -> None:
         try:

@@ -2,12 +2,12 @@
 
 from __future__ import annotations
 
+import collections
 import logging
 import os
 from collections.abc import Callable
 from typing import Any
 
-from prometheus_client import Counter
 from tornado.web import Application, RequestHandler
 
 from handlers.base import NotFoundHandler, StaticHandler
@@ -24,13 +24,14 @@ access_log = logging.getLogger("squall.access")
 STATIC_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "static")
 
 
-def access_logger(enabled: bool, requests: Counter) -> Callable[[RequestHandler], None]:
+def access_logger(enabled: bool,
+                  requests: collections.Counter[int]) -> Callable[[RequestHandler], None]:
     """One line per HTTP request (a WebSocket or an SSE stream counts once, when it
     opens)."""
 
     def log_request(handler: RequestHandler) -> None:
         status = handler.get_status()
-        requests.labels(str(status)).inc()
+        requests[status] += 1
         if not enabled:
             return
         level = logging.INFO if status < 400 else logging.WARNING

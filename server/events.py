@@ -11,6 +11,7 @@ from __future__ import annotations
 
 from typing import Any, NamedTuple
 
+from server.codec import JSON, Codec, dump_json
 from server.wire import WS_JSON, WireFormat
 
 
@@ -36,17 +37,23 @@ class Event:
     """One published event. Immutable by convention; its wire frames are built once.
 
     ``frame(wire)`` returns the bytes carrying it in a wire format (server/wire.py),
-    encoded on first use and shared by every subscriber and every replay afterwards.
+    built on first use and shared by every subscriber and every replay afterwards.
+    The formats that carry JSON share one JSON payload, made from ``data_json`` (the
+    data's JSON, when whoever published it had it already) without encoding the data
+    again.
     """
 
-    __slots__ = ("_frames", "data", "id", "seq", "topic", "ts")
+    __slots__ = ("_data_json", "_frames", "_json", "data", "id", "seq", "topic", "ts")
 
-    def __init__(self, topic: str, event_id: EventId, ts: int, data: Any) -> None:
+    def __init__(self, topic: str, event_id: EventId, ts: int, data: Any,
+                 data_json: bytes | None = None) -> None:
         self.topic = topic
         self.id = str(event_id)
         self.seq = event_id.seq
         self.ts = ts
         self.data = data
+        self._data_json = data_json
+        self._json: bytes | None = None
         self._frames: dict[WireFormat, bytes] = {}
 
     def as_dict(self) -> dict[str, Any]:
@@ -58,6 +65,20 @@ class Event:
         if frame is None:
             frame = self._frames[wire] = wire.event_frame(self)
         return frame
+
+    def payload(self, codec: Codec) -> bytes:
+        """The event's message encoded by ``codec``: ``{"type": "event", "topic", "id",
+        "ts", "data"}`` (in that order)."""
+        if codec is not JSON:
+            return codec.dumps(self.as_dict())
+        payload = self._json
+        if payload is None:
+            data = self._data_json if self._data_json is not None else dump_json(self.data)
+            # topics and ids hold no character JSON escapes
+            payload = self._json = b'{"type":"event","topic":"%s","id":"%s","ts":%d,"data":%s}' % (
+                self.topic.encode(), self.id.encode(), self.ts, data)
+            self._data_json = None
+        return payload
 
     @property
     def size(self) -> int:

@@ -159,10 +159,10 @@ class MemoryHistory:
                 return
             self._forget(topic)
 
-    def _expire_log(self, log: _TopicLog) -> None:
+    def _expire_log(self, log: _TopicLog, now_ms: int | None = None) -> None:
         if not self.retention.ttl:
             return
-        deadline = self._deadline()
+        deadline = self._deadline() if now_ms is None else now_ms - int(self.retention.ttl * 1000)
         while len(log.events) > 1 and log.events[0].ts < deadline:
             self._bytes -= log.drop_oldest()
 
@@ -172,7 +172,7 @@ class MemoryHistory:
     def _trim(self, topic: str, log: _TopicLog) -> None:
         while len(log.events) > self.retention.size:
             self._bytes -= log.drop_oldest()
-        self._expire_log(log)
+        self._expire_log(log, log.events[-1].ts if log.events else None)  # just published
         if not log.events:
             self._forget(topic)
 

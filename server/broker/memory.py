@@ -86,7 +86,7 @@ class MemoryBroker(Broker):
                 return first._replace(duplicate=True)
         self._seq += 1
         event = Event(request.topic, EventId(self.epoch, self._seq), int(time.time() * 1000),
-                      request.data)
+                      request.data, request.data_json)
         self._history.append(event)
         self._on_event(event)
         published = Published(event.topic, event.id, event.ts)
