@@ -767,8 +767,13 @@ async def _ingest_window(
     await asyncio.sleep(args.duration)
     last = bench.snapshot(accepted())
     await task
-    events_per_s = (last.accepted - first.accepted) / (last.wall - first.wall)
-    return {**window(first, last), "events_per_s": round(events_per_s, 1)}
+    accepted_events = last.accepted - first.accepted
+    events_per_s = accepted_events / (last.wall - first.wall)
+    result = {**window(first, last), "events_per_s": round(events_per_s, 1)}
+    if first.server_cpu is not None and last.server_cpu is not None and accepted_events:
+        cpu = last.server_cpu - first.server_cpu
+        result["server_cpu_us_per_event"] = round(cpu / accepted_events * 1e6, 2)
+    return result
 
 
 # -- command line -------------------------------------------------------------------------

@@ -12,7 +12,7 @@ from __future__ import annotations
 from typing import Any, NamedTuple
 
 from server.codec import JSON, Codec, dump_json
-from server.wire import WS_JSON, WireFormat
+from server.wire import WireFormat
 
 
 class EventId(NamedTuple):
@@ -33,6 +33,10 @@ class EventId(NamedTuple):
         return cls(epoch, int(seq))
 
 
+_PAYLOAD = b'{"type":"event","topic":"%s","id":"%s","ts":%d,"data":%s}'
+_PAYLOAD_OVERHEAD = len(_PAYLOAD) - 4 * 2  # its bytes but the four placeholders
+
+
 class Event:
     """One published event. Immutable by convention; its wire frames are built once.
 
@@ -45,16 +49,20 @@ class Event:
 
     __slots__ = ("_data_json", "_frames", "_json", "data", "id", "seq", "topic", "ts")
 
-    def __init__(self, topic: str, event_id: EventId, ts: int, data: Any,
+    def __init__(self, topic: str, event_id: str, seq: int, ts: int, data: Any,
                  data_json: bytes | None = None) -> None:
         self.topic = topic
-        self.id = str(event_id)
-        self.seq = event_id.seq
+        self.id = event_id  # str(EventId(epoch, seq))
+        self.seq = seq
         self.ts = ts
         self.data = data
         self._data_json = data_json
         self._json: bytes | None = None
         self._frames: dict[WireFormat, bytes] = {}
+
+    @classmethod
+    def of(cls, topic: str, event_id: EventId, ts: int, data: Any) -> Event:
+        return cls(topic, str(event_id), event_id.seq, ts, data)
 
     def as_dict(self) -> dict[str, Any]:
         return {"type": "event", "topic": self.topic, "id": self.id, "ts": self.ts,
@@ -73,17 +81,28 @@ class Event:
             return codec.dumps(self.as_dict())
         payload = self._json
         if payload is None:
-            data = self._data_json if self._data_json is not None else dump_json(self.data)
             # topics and ids hold no character JSON escapes
-            payload = self._json = b'{"type":"event","topic":"%s","id":"%s","ts":%d,"data":%s}' % (
-                self.topic.encode(), self.id.encode(), self.ts, data)
+            payload = self._json = _PAYLOAD % (self.topic.encode(), self.id.encode(), self.ts,
+                                               self._data())
             self._data_json = None
         return payload
 
+    def _data(self) -> bytes:
+        data = self._data_json
+        if data is None:
+            data = self._data_json = dump_json(self.data)
+        return data
+
     @property
     def size(self) -> int:
-        """Bytes this event costs to keep: its WebSocket JSON frame, the common form."""
-        return len(self.frame(WS_JSON))
+        """Bytes this event costs to keep: its WebSocket JSON frame, the common form
+        (worked out without building it)."""
+        if self._json is not None:
+            length = len(self._json)
+        else:
+            length = (_PAYLOAD_OVERHEAD + len(self.topic) + len(self.id) + len(str(self.ts))
+                      + len(self._data()))
+        return length + (2 if length < 126 else 4 if length < 65536 else 10)
 
     def __repr__(self) -> str:
         return f"Event({self.topic!r}, {self.id!r})"
