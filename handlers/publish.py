@@ -224,27 +224,28 @@ def _batch(body: Any, codec: Codec, settings: Any) -> list[PublishRequest]:
     if len(entries) > settings.max_batch_events:
         raise SquallError("payload_too_large", f"a batch holds at most "
                           f"{settings.max_batch_events} events, got {len(entries)}")
-    return [_entry(index, entry, codec, settings) for index, entry in enumerate(entries)]
-
-
-def _entry(index: int, entry: Any, codec: Codec, settings: Any) -> PublishRequest:
-    where = f"events[{index}]"
-    if not isinstance(entry, dict) or "topic" not in entry or "data" not in entry:
-        raise SquallError("invalid_body", f'{where} must be {{"topic": ..., "data": ...}}')
-    try:
-        topic = validate_topic(entry["topic"], settings.max_topic_length)
-    except InvalidTopic as exc:
-        raise SquallError("invalid_topic", f"{where}: {exc}") from None
-    key = entry.get("idempotency_key")
-    if key is not None and not (isinstance(key, str) and 0 < len(key) <= MAX_KEY_LENGTH):
-        raise SquallError("invalid_body", f"{where}: idempotency_key must be a string of 1 "
-                          f"to {MAX_KEY_LENGTH} characters")
-    encoded = codec.dumps(entry["data"])
-    size = len(encoded)
-    if size > settings.max_event_bytes:
-        raise SquallError("payload_too_large", f"{where}: data is {size} bytes; the limit "
-                          f"is {settings.max_event_bytes}")
-    return PublishRequest(topic, entry["data"], key, None if codec.binary else encoded)
+    max_topic, max_bytes = settings.max_topic_length, settings.max_event_bytes
+    dumps, binary = codec.dumps, codec.binary
+    requests = []
+    for index, entry in enumerate(entries):
+        if not isinstance(entry, dict) or "topic" not in entry or "data" not in entry:
+            raise SquallError("invalid_body", f'events[{index}] must be {{"topic": ..., '
+                              f'"data": ...}}')
+        try:
+            topic = validate_topic(entry["topic"], max_topic)
+        except InvalidTopic as exc:
+            raise SquallError("invalid_topic", f"events[{index}]: {exc}") from None
+        key = entry.get("idempotency_key")
+        if key is not None and not (isinstance(key, str) and 0 < len(key) <= MAX_KEY_LENGTH):
+            raise SquallError("invalid_body", f"events[{index}]: idempotency_key must be a "
+                              f"string of 1 to {MAX_KEY_LENGTH} characters")
+        data = entry["data"]
+        encoded = dumps(data)
+        if len(encoded) > max_bytes:
+            raise SquallError("payload_too_large", f"events[{index}]: data is {len(encoded)} "
+                              f"bytes; the limit is {max_bytes}")
+        requests.append(PublishRequest(topic, data, key, None if binary else encoded))
+    return requests
 
 
 def _topic(raw: str, max_length: int) -> str:

@@ -47,7 +47,7 @@ class Event:
     again.
     """
 
-    __slots__ = ("_data_json", "_frames", "_json", "data", "id", "seq", "topic", "ts")
+    __slots__ = ("_data_json", "_frames", "_json", "_size", "data", "id", "seq", "topic", "ts")
 
     def __init__(self, topic: str, event_id: str, seq: int, ts: int, data: Any,
                  data_json: bytes | None = None) -> None:
@@ -58,6 +58,7 @@ class Event:
         self.data = data
         self._data_json = data_json
         self._json: bytes | None = None
+        self._size = 0
         self._frames: dict[WireFormat, bytes] = {}
 
     @classmethod
@@ -96,13 +97,16 @@ class Event:
     @property
     def size(self) -> int:
         """Bytes this event costs to keep: its WebSocket JSON frame, the common form
-        (worked out without building it)."""
-        if self._json is not None:
-            length = len(self._json)
-        else:
-            length = (_PAYLOAD_OVERHEAD + len(self.topic) + len(self.id) + len(str(self.ts))
-                      + len(self._data()))
-        return length + (2 if length < 126 else 4 if length < 65536 else 10)
+        (worked out once, without building it)."""
+        size = self._size
+        if not size:
+            if self._json is not None:
+                length = len(self._json)
+            else:
+                length = (_PAYLOAD_OVERHEAD + len(self.topic) + len(self.id)
+                          + len(str(self.ts)) + len(self._data()))
+            size = self._size = length + (2 if length < 126 else 4 if length < 65536 else 10)
+        return size
 
     def __repr__(self) -> str:
         return f"Event({self.topic!r}, {self.id!r})"
