@@ -1,15 +1,16 @@
-"""A short way in for the busiest request: a plain ``POST /v1/topics/{topic}/events``.
+"""A short way in for the busiest requests: plain publishes, single and batched.
 
 A single publish costs what Tornado's ``RequestHandler`` costs (its objects, its
 bookkeeping and its response machinery are most of the request). ``FastPaths`` is the
-server's connection delegate in front of the ``Application``: it takes a single
-publish itself, as a plain ``HTTPMessageDelegate`` on Tornado's public HTTP/1.1
-interface, when the request is plain (a ``POST`` with a ``Content-Length`` within
-``max_event_bytes``, no ``Origin``, ``Expect`` or ``Transfer-Encoding`` header, and a
-topic without percent-encoding), and hands every other request to the Application as
-before. It answers through the same functions as ``TopicEventsHandler`` (grant, rate
-limit, topic, body, publish) and logs the same access line, so the two ways in are
-one behaviour.
+server's connection delegate in front of the ``Application``: it takes a publish
+itself, as a plain ``HTTPMessageDelegate`` on Tornado's public HTTP/1.1 interface,
+when the request is plain (a ``POST`` to ``/v1/topics/{topic}/events`` with a topic
+without percent-encoding, or to ``/v1/events`` that is no streaming batch, with a
+``Content-Length`` within the path's limit, and no ``Origin``, ``Expect`` or
+``Transfer-Encoding`` header), and hands every other request to the Application as
+before. It answers through the same functions as the handlers (grant, rate limit,
+topic, body, publish) and logs the same access line, so the two ways in are one
+behaviour.
 """
 
 from __future__ import annotations
@@ -34,7 +35,8 @@ from tornado.httputil import (
 )
 from tornado.web import Application
 
-from handlers.publish import publish_one, publisher
+from handlers.publish import publish_batch, publish_one, publisher
+from handlers.stream import MEDIA_TYPES as STREAM_TYPES
 from server.codec import accept_codec
 from server.errors import SquallError
 from server.node import Node
@@ -67,16 +69,25 @@ class FastPaths(HTTPServerConnectionDelegate):
 
     def take(self, start_line: RequestStartLine, headers: HTTPHeaders,
              connection: HTTPConnection) -> HTTPMessageDelegate | None:
-        """A delegate for a plain single publish, or None for the Application."""
+        """A delegate for a plain publish, or None for the Application."""
         if start_line.method != "POST":
             return None
-        found = _PUBLISH.fullmatch(start_line.path.partition("?")[0])
         length = headers.get("Content-Length", "")
-        if (found is None or "Origin" in headers or "Expect" in headers
-                or "Transfer-Encoding" in headers or not (length.isascii() and length.isdigit())
-                or int(length) > self.node.settings.max_event_bytes):
+        if ("Origin" in headers or "Expect" in headers or "Transfer-Encoding" in headers
+                or not (length.isascii() and length.isdigit())):
             return None
-        return _SinglePublish(self, connection, start_line, headers, found.group(1))
+        path = start_line.path.partition("?")[0]
+        settings = self.node.settings
+        if path == "/v1/events":
+            if (int(length) > settings.max_batch_bytes
+                    or headers.get("Content-Type", "").split(";")[0].strip().lower()
+                    in STREAM_TYPES):
+                return None
+            return _Publish(self, connection, start_line, headers, None)
+        found = _PUBLISH.fullmatch(path)
+        if found is None or int(length) > settings.max_event_bytes:
+            return None
+        return _Publish(self, connection, start_line, headers, found.group(1))
 
     def date(self) -> str:
         """The ``Date`` header's value, made once a second."""
@@ -122,11 +133,13 @@ class _Dispatch(HTTPMessageDelegate):
             self.delegate.on_connection_close()
 
 
-class _SinglePublish(HTTPMessageDelegate):
-    """One plain single publish: the body, then the answer and the access line."""
+class _Publish(HTTPMessageDelegate):
+    """One plain publish, single (``topic``) or a batch (``topic`` None): the body,
+    then the answer and the access line."""
 
     def __init__(self, paths: FastPaths, connection: HTTPConnection,
-                 start_line: RequestStartLine, headers: HTTPHeaders, topic: str) -> None:
+                 start_line: RequestStartLine, headers: HTTPHeaders,
+                 topic: str | None) -> None:
         self.paths = paths
         self.connection = connection
         self.start_line = start_line
@@ -158,9 +171,12 @@ class _SinglePublish(HTTPMessageDelegate):
         extra: dict[str, str] = {}
         try:
             rights = publisher(paths.node, headers.get("Authorization"), self.ip)
-            value = await publish_one(paths.node, rights, self.topic,
-                                      headers.get("Content-Type"),
-                                      headers.get("Idempotency-Key"), b"".join(self.chunks))
+            body, content_type = b"".join(self.chunks), headers.get("Content-Type")
+            if self.topic is None:
+                value = await publish_batch(paths.node, rights, content_type, body)
+            else:
+                value = await publish_one(paths.node, rights, self.topic, content_type,
+                                          headers.get("Idempotency-Key"), body)
             status = 202
         except SquallError as exc:
             status, value = exc.status, {"error": {"code": exc.code, "message": exc.message}}

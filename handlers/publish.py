@@ -20,7 +20,7 @@ from tornado.web import stream_request_body
 from handlers.base import ApiHandler
 from handlers.stream import MEDIA_TYPES as STREAM_TYPES
 from handlers.stream import NdjsonPublisher
-from server.auth import Forbidden, Grant, Unauthorized
+from server.auth import EVERYTHING, Forbidden, Grant, Unauthorized
 from server.broker.base import Published, PublishRequest
 from server.codec import Codec, media_codec
 from server.commands import MAX_KEY_LENGTH
@@ -29,6 +29,7 @@ from server.node import Node
 from server.topics import InvalidTopic, validate_pattern, validate_topic
 
 _HEADROOM = 64 * 1024  # bytes read past a limit before the connection is cut
+BATCH_EXPECTED = '{"events": [{"topic": "orders.eu", "data": {"text": "hi"}}]} as JSON (or msgpack)'
 SINGLE_EXPECTED = ('the event\'s data as JSON, such as {"text": "hi"}, with Content-Type: '
                    "application/json (or msgpack with Content-Type: application/msgpack)")
 
@@ -115,7 +116,7 @@ class BatchHandler(BodyHandler):
 
     stream: NdjsonPublisher | None = None
 
-    expected = '{"events": [{"topic": "orders.eu", "data": {"text": "hi"}}]} as JSON (or msgpack)'
+    expected = BATCH_EXPECTED
 
     def body_limit(self) -> int:
         if self._streaming():
@@ -155,12 +156,11 @@ class BatchHandler(BodyHandler):
         if self._streaming():
             await self._end_stream()
             return
-        body, codec = self.decoded_body()
-        requests = _batch(body, codec, self.node.settings)
-        for request in requests:
-            _authorize(self.rights, self.rights.check_publish, request.topic)
-        published = await self.node.hub.publish(requests)
-        self.reply(202, {"events": [_outcome(outcome) for outcome in published]})
+        if self._size > self.body_limit():
+            raise _too_large(self.body_limit())
+        self.reply(202, await publish_batch(self.node, self.rights,
+                                            self.request.headers.get("Content-Type"),
+                                            b"".join(self._chunks)))
 
     async def _end_stream(self) -> None:
         stream = self._stream()
@@ -203,6 +203,19 @@ async def publish_one(node: Node, rights: Grant, raw_topic: str, content_type: s
                           f"{MAX_KEY_LENGTH} characters")
     [published] = await node.hub.publish([PublishRequest(topic, data, key)])
     return _outcome(published)
+
+
+async def publish_batch(node: Node, rights: Grant, content_type: str | None,
+                        body: bytes) -> dict[str, Any]:
+    """``POST /v1/events`` (not streaming), after its grant: the answer's value."""
+    value, codec = decode_body(content_type, body, BATCH_EXPECTED)
+    requests = _batch(value, codec, node.settings)
+    if rights.publish != EVERYTHING:
+        for request in requests:
+            _authorize(rights, rights.check_publish, request.topic)
+    published = await node.hub.publish(requests)
+    return {"events": [{"topic": outcome.topic, "id": outcome.id, "ts": outcome.ts}
+                       for outcome in published]}
 
 
 def _authorize(rights: Grant, check: Callable[[str], None], name: str) -> None:
