@@ -36,6 +36,7 @@ from typing import Any
 from server import signals
 from server.admission import CLOSE_UNAUTHORIZED, Admitted
 from server.broker.base import Published, PublishRequest
+from server.codec import JSON
 from server.commands import (
     Auth,
     Command,
@@ -81,6 +82,7 @@ class _Parsed:
 
 
 _PENDING: Any = object()  # an outcome still to come from the broker
+_PUBLISHED = {"type": "published"}  # what a wire format's framing needs to know of a reply
 
 
 def _size(message: Message) -> int:
@@ -346,8 +348,15 @@ class Session:
         return PublishRequest(command.topic, command.data, command.idempotency_key)
 
     def _published(self, command: Publish, published: Published) -> None:
+        wire, ref = self.wire, command.ref
+        if wire.codec is JSON and (ref is None or type(ref) is int):  # the common reply, as
+            payload = b'{"type":"published","topic":"%s","id":"%s","ts":%d%s}' % (  # bytes
+                published.topic.encode(), published.id.encode(), published.ts,
+                b"" if ref is None else b',"ref":%d' % ref)
+            self.connection.enqueue(wire.wrap(payload, _PUBLISHED))
+            return
         self.connection.send(with_ref({"type": "published", "topic": published.topic,
-                                       "id": published.id, "ts": published.ts}, command.ref))
+                                       "id": published.id, "ts": published.ts}, ref))
 
     def _encoded_size(self, data: Any) -> int:
         try:

@@ -54,20 +54,18 @@ class LineTransport(StreamTransport):
             self.read()
             return
         buffer = self._buffer + data if self._buffer else data
-        start = 0
-        while not self.closing:
-            end = buffer.find(b"\n", start)
-            if end < 0:
-                break
-            if end - start > self.max_line:
+        *lines, rest = buffer.split(b"\n")
+        received, limit = self.sink.received, self.max_line
+        for raw in lines:
+            if len(raw) > limit:
                 self._too_long()
                 break
-            line = buffer[start:end].rstrip(b"\r")
-            start = end + 1
-            if line.strip():
-                self.sink.received(line)
-        rest = buffer[start:]
-        if not self.closing and len(rest) > self.max_line:
+            line = raw[:-1] if raw.endswith(b"\r") else raw
+            if line and not line.isspace():
+                received(line)
+            if self.closing:
+                break
+        if not self.closing and len(rest) > limit:
             self._too_long()
         self._buffer = b"" if self.closing else rest
         self.read()
