@@ -22,7 +22,7 @@ from typing import Any
 
 from server.auth import Grant, authorize_publish
 from server.broker.base import PublishRequest
-from server.codec import dump_json, load_json
+from server.codec import dump_json, load_json, may_hold_long_integers
 from server.commands import MAX_KEY_LENGTH
 from server.errors import SquallError
 from server.hub import Hub
@@ -61,9 +61,12 @@ class NdjsonPublisher:
         self._partial = bytearray()
         self._skipping = False  # inside a line that went over the limit
         self.overflowed = False
+        self._digits_checked = False
 
     async def feed(self, chunk: bytes) -> None:
         """Publish every line ``chunk`` completes."""
+        # one check for all the lines this chunk ends (the first one began earlier)
+        self._digits_checked = not may_hold_long_integers(bytes(self._partial) + chunk)
         *complete, rest = chunk.split(b"\n")
         skipped = False  # whether complete[0] ends a line that went over the limit
         if complete:
@@ -75,6 +78,7 @@ class NdjsonPublisher:
     async def end(self) -> None:
         """The body ended: its last line needs no newline."""
         last, self._partial = bytes(self._partial), bytearray()
+        self._digits_checked = False
         skipped, self._skipping = self._skipping, False
         await self._publish([last] if last.strip() or skipped else [], skipped)
 
@@ -118,7 +122,7 @@ class NdjsonPublisher:
             return _error(number, exc)
 
     def _request(self, line: bytes) -> PublishRequest:
-        entry = load_json(line)
+        entry = load_json(line, self._digits_checked)
         if not isinstance(entry, dict) or "topic" not in entry or "data" not in entry:
             raise SquallError("invalid_body", 'each line must be {"topic": ..., "data": ...}')
         try:
