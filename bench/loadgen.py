@@ -288,18 +288,53 @@ class HttpPublishers:
             client.close()
 
 
-class WsPublishers:
-    """WebSocket connections sending ``publish`` frames, ``window`` unanswered per connection."""
+class _Windowed:
+    """Connections that each keep ``window`` publishes unanswered: a reply sends the
+    next one. Subclasses connect, and send ``message`` on a client with ``_send``."""
 
-    def __init__(self, frame: bytes, window: int) -> None:
-        self.clients: list[WebSocketClient] = []
+    def __init__(self, message: bytes, window: int) -> None:
+        self.clients: list[Any] = []
         self.accepted = 0
         self.errors = 0
-        self._frame, self._window = frame, window
+        self._message, self._window = message, window
         self._deadline = 0.0
         self._budget = 0
         self._in_flight = 0
         self._drained = asyncio.Event()
+
+    def _send(self, client: Any, data: bytes) -> None:
+        raise NotImplementedError
+
+    def _replied(self, client: Any, reply: bytes) -> None:
+        if b'"published"' in reply:
+            self.accepted += 1
+        else:
+            self.errors += 1
+        self._in_flight -= 1
+        if self._budget > 0 and time.monotonic() < self._deadline:
+            self._budget -= 1
+            self._in_flight += 1
+            self._send(client, self._message)
+        elif self._in_flight <= 0:
+            self._drained.set()
+
+    async def run_for(self, seconds: float, limit: int = MAX_REQUESTS, grace: float = 15.0) -> None:
+        """Publish for ``seconds`` (at most ``limit`` messages), then await the replies."""
+        self._deadline = time.monotonic() + seconds
+        self._budget = limit - self._window * len(self.clients)
+        self._drained.clear()
+        for client in self.clients:
+            self._in_flight += self._window
+            self._send(client, self._message * self._window)
+        await _wait_event(self._drained, seconds + grace)
+
+    def close(self) -> None:
+        for client in self.clients:
+            client.close()
+
+
+class WsPublishers(_Windowed):
+    """WebSocket connections sending ``publish`` frames."""
 
     async def connect(self, url: Url, subprotocol: str, count: int) -> None:
         for _ in range(count):
@@ -309,33 +344,12 @@ class WsPublishers:
 
     def _reply_handler(self, client: WebSocketClient) -> Callable[[bytes, int], None]:
         def on_reply(payload: bytes, _now: int) -> None:
-            if b'"published"' in payload:
-                self.accepted += 1
-            else:
-                self.errors += 1
-            self._in_flight -= 1
-            if self._budget > 0 and time.monotonic() < self._deadline:
-                self._budget -= 1
-                self._in_flight += 1
-                client.send_frame(self._frame)
-            elif self._in_flight <= 0:
-                self._drained.set()
+            self._replied(client, payload)
 
         return on_reply
 
-    async def run_for(self, seconds: float, limit: int = MAX_REQUESTS, grace: float = 15.0) -> None:
-        """Publish for ``seconds`` (at most ``limit`` frames), then await the replies."""
-        self._deadline = time.monotonic() + seconds
-        self._budget = limit - self._window * len(self.clients)
-        self._drained.clear()
-        for client in self.clients:
-            self._in_flight += self._window
-            client.send_frame(self._frame * self._window)
-        await _wait_event(self._drained, seconds + grace)
-
-    def close(self) -> None:
-        for client in self.clients:
-            client.close()
+    def _send(self, client: Any, data: bytes) -> None:
+        client.send_frame(data)
 
 
 class _LinePublisher(asyncio.Protocol):
@@ -363,51 +377,18 @@ class _LinePublisher(asyncio.Protocol):
             self.transport.close()
 
 
-class LinePublishers:
-    """TCP line-protocol connections sending ``publish`` lines, ``window`` unanswered each."""
-
-    def __init__(self, line: bytes, window: int) -> None:
-        self.clients: list[_LinePublisher] = []
-        self.accepted = 0
-        self.errors = 0
-        self._line, self._window = line, window
-        self._deadline = 0.0
-        self._budget = 0
-        self._in_flight = 0
-        self._drained = asyncio.Event()
+class LinePublishers(_Windowed):
+    """TCP line-protocol connections sending ``publish`` lines."""
 
     async def connect(self, url: Url, count: int) -> None:
         loop = asyncio.get_running_loop()
         for _ in range(count):
             _, client = await loop.create_connection(
-                lambda: _LinePublisher(self._on_reply), url.host, url.port)
+                lambda: _LinePublisher(self._replied), url.host, url.port)
             self.clients.append(client)
 
-    def _on_reply(self, client: _LinePublisher, line: bytes) -> None:
-        if b'"published"' in line:
-            self.accepted += 1
-        else:
-            self.errors += 1
-        self._in_flight -= 1
-        if self._budget > 0 and time.monotonic() < self._deadline:
-            self._budget -= 1
-            self._in_flight += 1
-            client.send(self._line)
-        elif self._in_flight <= 0:
-            self._drained.set()
-
-    async def run_for(self, seconds: float, limit: int = MAX_REQUESTS, grace: float = 15.0) -> None:
-        self._deadline = time.monotonic() + seconds
-        self._budget = limit - self._window * len(self.clients)
-        self._drained.clear()
-        for client in self.clients:
-            self._in_flight += self._window
-            client.send(self._line * self._window)
-        await _wait_event(self._drained, seconds + grace)
-
-    def close(self) -> None:
-        for client in self.clients:
-            client.close()
+    def _send(self, client: Any, data: bytes) -> None:
+        client.send(data)
 
 
 async def _wait_event(event: asyncio.Event, timeout: float) -> bool:
@@ -751,6 +732,14 @@ async def _ingest_kind(
                                "application/x-ndjson")
     else:
         request = post_request(url, batch_body(bench.topic, per_request))
+    if kind == "ndjson":  # long requests: as many connections as the streaming paths
+        streaming = HttpPublishers(url)
+        await streaming.connect(args.streams)
+        running = streaming.run_for(request, seconds)
+        result = await _ingest_window(bench, lambda: streaming.accepted * per_request, running,
+                                      args)
+        streaming.close()
+        return {**result, "batch_size": per_request, "rejected": dict(streaming.rejected)}
     before = Counter(publishers.rejected)
     running = publishers.run_for(request, seconds)
     result = await _ingest_window(bench, lambda: publishers.accepted * per_request, running, args)
@@ -821,7 +810,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
                      help="subscribers of the published topic (0: none)")
     ing.add_argument("--streams", type=int, default=16,
                      help="WebSocket or TCP publisher connections")
-    ing.add_argument("--ndjson-lines", type=int, default=1000,
+    ing.add_argument("--ndjson-lines", type=int, default=500,
                      help="events per streaming batch request")
     ing.add_argument("--duration", type=float, default=4.0)
     ing.add_argument("--warmup", type=float, default=1.0)
