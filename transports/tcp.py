@@ -24,11 +24,10 @@ from tornado.netutil import bind_sockets
 from tornado.tcpserver import TCPServer
 
 from config.settings import Settings
-from server.admission import Refused, Request, admit
+from server.admission import Request
 from server.node import Node
-from server.session import Session
 from server.wire import LINES
-from transports.stream import StreamTransport
+from transports.stream import StreamTransport, open_session
 
 log = logging.getLogger("squall.tcp")
 
@@ -85,21 +84,7 @@ class LineServer(TCPServer):
         node = self.node
         transport = LineTransport(stream, node.settings.max_frame_bytes)
         ip = address[0] if isinstance(address, tuple) else ""
-        try:
-            admitted = await admit(node, Request(ip=ip))
-        except Refused as refused:
-            log.debug("refusing a TCP client from %s with %d: %s", ip, refused.close_code,
-                      refused.message)
-            transport.close(refused.close_code, refused.message)
-            transport.read()
-            return
-        if transport.closing:  # gone while the authorization webhook was asked
-            admitted.release()
-            return
-        session = Session(node, transport, LINES, admitted)
-        transport.sink = session
-        transport.read()
-        session.start()
+        await open_session(node, transport, LINES, Request(ip=ip))
 
 
 def bind_tcp(settings: Settings) -> list[socket.socket]:
