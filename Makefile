@@ -1,25 +1,30 @@
 # Two commands do all the set-up: `make run` serves, `make test` checks everything.
+# Both install Squall into .venv (editable: the checkout is what runs), so every
+# command in the docs is `.venv/bin/python run.py ...`.
 PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
+PIP := $(BIN)/python -m pip --quiet --disable-pip-version-check
 ARGS ?=
 
-.PHONY: run test lint typecheck pytest bench test-container clean
+.PHONY: run docs test lint typecheck pytest bench test-container clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
-	$(BIN)/pip install --quiet --upgrade pip
 
 $(VENV)/.installed-run: pyproject.toml | $(BIN)/python
-	$(BIN)/pip install --quiet -e .
+	$(PIP) install -e .
 	touch $@
 
-$(VENV)/.installed-test: pyproject.toml | $(BIN)/python
-	$(BIN)/pip install --quiet -e '.[test]'
+$(VENV)/.installed-test: pyproject.toml clients/python/pyproject.toml | $(BIN)/python
+	$(PIP) install -e '.[test]' -e './clients/python[msgpack,django]'
 	touch $@
 
-run: $(VENV)/.installed-run  ## serve on 127.0.0.1:8888 with the memory broker
+run: $(VENV)/.installed-run  ## serve on 127.0.0.1:8888 with the memory broker; ARGS='--port 9000' adds flags
 	$(BIN)/python run.py $(ARGS)
+
+docs: $(VENV)/.installed-run  ## regenerate the settings tables of README.md, docs/ and deploy/ from config/settings.py
+	$(BIN)/python -m config.doc_tables
 
 test: lint typecheck pytest  ## ruff, mypy (strict) and the whole test suite
 
@@ -32,8 +37,8 @@ typecheck: $(VENV)/.installed-test
 pytest: $(VENV)/.installed-test
 	$(BIN)/pytest $(ARGS)
 
-$(VENV)/.installed-bench: pyproject.toml | $(BIN)/python
-	$(BIN)/pip install --quiet -e '.[bench]'
+$(VENV)/.installed-bench: pyproject.toml clients/python/pyproject.toml | $(BIN)/python
+	$(PIP) install -e '.[bench]' -e ./clients/python
 	touch $@
 
 bench: $(VENV)/.installed-bench  ## fan-out benchmark vs a Tornado baseline and nchan

@@ -1,37 +1,47 @@
-"""Squall's entry point: ``python run.py [flags]`` serves; ``--help`` lists every flag.
+"""Squall's entry point: ``.venv/bin/python run.py [flags]`` serves; ``--help`` lists
+every flag, ``--version`` prints the version.
 
-``python run.py token --sub alice --subscribe 'chat.*' --publish 'chat.*' --ttl 3600``
-prints a JWT for development, signed with the configured ``jwt_secret``;
-``python run.py token --help`` tells more.
+``.venv/bin/python run.py token --sub alice --subscribe 'chat.*' --ttl 3600`` prints a
+JWT for development, signed with the configured ``jwt_secret``;
+``run.py token --help`` tells more.
+
+Whatever is wrong with the command line or a setting is one line on stderr, starting
+``squall:``, and the exit status is 2.
 """
 
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 
-from config.settings import SettingsError, load_settings
+from config.cli import PROG, Parser
+from config.settings import CONFIG_VARIABLE, SettingsError, load_settings, unknown_variables
+
+USAGE_ERROR = 2
 
 
 def main(argv: list[str] | None = None) -> int:
     args = sys.argv[1:] if argv is None else argv
-    if args[:1] == ["token"]:
-        return token_command(args[1:])
     try:
+        if args[:1] == ["token"]:
+            return token_command(args[1:])
         settings = load_settings(args)
     except SettingsError as exc:
         print(f"squall: {exc}", file=sys.stderr)
-        return 2
+        return USAGE_ERROR
+    for warning in unknown_variables(os.environ):
+        print(f"squall: {warning}", file=sys.stderr)
     from server.serve import serve
 
     return serve(settings)
 
 
-def token_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        prog="run.py token", description="Print a JWT for development, signed (HS256) with "
-        "the configured jwt_secret: --jwt-secret, else SQUALL_JWT_SECRET, else the --config "
-        "file. Patterns use the subscription syntax (chat.*, orders.>).")
+def token_parser() -> Parser:
+    parser = Parser(
+        prog=f"{PROG} token", description="Print a JWT for development, signed (HS256) with "
+        f"the configured jwt_secret: --jwt-secret, else SQUALL_JWT_SECRET, else the --config "
+        f"file (or {CONFIG_VARIABLE}). Patterns use the subscription syntax (chat.*, orders.>).")
     parser.add_argument("--sub", required=True, help="whom the token is for (its sub claim)")
     parser.add_argument("--subscribe", action="append", default=[], metavar="PATTERNS",
                         help="topic patterns it may subscribe to (comma-separated, repeatable)")
@@ -45,27 +55,30 @@ def token_parser() -> argparse.ArgumentParser:
 
 
 def token_command(argv: list[str]) -> int:
-    """``run.py token``: print a signed token, or explain on stderr and return 2."""
-    options = token_parser().parse_args(argv)
+    """``run.py token``: print a signed token; raises ``SettingsError``."""
+    options = token_parser().parse(argv)
+    from server.auth import issue_token
+
+    print(issue_token(_secret(options), options.sub, _patterns("--subscribe", options.subscribe),
+                      _patterns("--publish", options.publish), _ttl(options.ttl)))
+    return 0
+
+
+def _secret(options: argparse.Namespace) -> str:
     layers = ["--config", options.config] if options.config else []
     if options.jwt_secret:
         layers += ["--jwt-secret", options.jwt_secret]
-    try:
-        secret = load_settings(layers).jwt_secret
-        subscribe = _patterns("--subscribe", options.subscribe)
-        publish = _patterns("--publish", options.publish)
-        if not secret:
-            raise SettingsError("no JWT secret: pass --jwt-secret, set SQUALL_JWT_SECRET or "
-                                "put jwt_secret in the --config file")
-        if not options.ttl > 0:
-            raise SettingsError("--ttl must be a positive number of seconds")
-    except SettingsError as exc:
-        print(f"squall: {exc}", file=sys.stderr)
-        return 2
-    from server.auth import issue_token
+    secret = load_settings(layers).jwt_secret
+    if not secret:
+        raise SettingsError("no JWT secret: pass --jwt-secret, set SQUALL_JWT_SECRET or put "
+                            f"jwt_secret in the --config file (or {CONFIG_VARIABLE})")
+    return secret
 
-    print(issue_token(secret, options.sub, subscribe, publish, options.ttl))
-    return 0
+
+def _ttl(ttl: float) -> float:
+    if not ttl > 0:
+        raise SettingsError(f"--ttl must be a positive number of seconds, not {ttl:g}")
+    return ttl
 
 
 def _patterns(flag: str, given: list[str]) -> list[str]:

@@ -1,9 +1,10 @@
-"""Minimal client-side HTTP/1.1 and WebSocket protocols for the load generator.
+"""Minimal client-side HTTP/1.1, WebSocket, SSE and line protocols for the load generator.
 
 Only what the bench needs, kept cheap so the load generator is not the bottleneck:
 keep-alive HTTP/1.1 requests with one request in flight per connection, the client
 side of the WebSocket handshake, parsing of unmasked server frames and encoding of
-masked client frames. Everything runs as raw ``asyncio.Protocol`` callbacks: no
+masked client frames; an SSE stream and a TCP line connection that count events.
+Everything runs as raw ``asyncio.Protocol`` callbacks: no
 coroutine per message, no JSON parsing unless a message callback asks for the payload.
 """
 
@@ -12,6 +13,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import hashlib
+import json
 import os
 import re
 import socket
@@ -106,6 +108,21 @@ def _same_frames(header: bytes, length: int) -> re.Pattern[bytes]:
     if pattern is None:
         body = b"(?:" + re.escape(header) + b".{%d})*" % length
         pattern = _SAME_FRAMES[header] = re.compile(body, re.DOTALL)
+    return pattern
+
+
+_SAME_MESSAGES: dict[tuple[bytes, int, bytes], re.Pattern[bytes]] = {}
+
+
+def _same_messages(prefix: bytes, size: int, separator: bytes) -> re.Pattern[bytes]:
+    """A pattern for consecutive ``size``-byte messages that start with ``prefix`` and end
+    with ``separator`` (SSE events, JSON lines)."""
+    key = (prefix, size, separator)
+    pattern = _SAME_MESSAGES.get(key)
+    if pattern is None:
+        middle = size - len(prefix) - len(separator)
+        body = b"(?:" + re.escape(prefix) + b".{%d}" % middle + re.escape(separator) + b")*"
+        pattern = _SAME_MESSAGES[key] = re.compile(body, re.DOTALL)
     return pattern
 
 
@@ -332,3 +349,155 @@ async def open_http(
         timeout,
     )
     return client
+
+
+class _Counting(asyncio.Protocol):
+    """What the SSE and line subscribers share with ``WebSocketClient``: ``messages``,
+    ``on_message(payload, now)``, ``opened``/``closed``, ``close``."""
+
+    separator = b"\n"
+
+    def __init__(self) -> None:
+        self.messages = 0
+        self.on_message: MessageCallback | None = None
+        loop = asyncio.get_running_loop()
+        self.opened: asyncio.Future[None] = loop.create_future()
+        self.closed: asyncio.Future[None] = loop.create_future()
+        self.transport: asyncio.Transport | None = None
+        self._buffer = b""
+
+    def _count(self, buffer: bytes) -> bytes:
+        """Count complete messages in ``buffer``; return the incomplete tail.
+
+        As for WebSocket frames, a run of messages of one size is counted by one
+        regular-expression match (a C loop), not a Python loop turn per message.
+        """
+        callback = self.on_message
+        if callback is not None:
+            last = buffer.rfind(self.separator)
+            if last < 0:
+                return buffer
+            end = last + len(self.separator)
+            messages = buffer[:end].split(self.separator)[:-1]
+            now = time.monotonic_ns()
+            for message in messages:
+                callback(message, now)
+            self.messages += sum(1 for message in messages if self._counts(message))
+            return buffer[end:]
+        separator, width = self.separator, len(self.separator)
+        pos, count = 0, 0
+        while True:
+            stop = buffer.find(separator, pos)
+            if stop < 0:
+                break
+            stop += width
+            if not self._counts(buffer[pos:stop]):
+                pos = stop
+                continue
+            size = stop - pos
+            run = _same_messages(buffer[pos:pos + 4], size, separator).match(buffer, stop)
+            assert run is not None  # the pattern also matches no message
+            count += 1 + (run.end() - stop) // size
+            pos = run.end()
+        self.messages += count
+        return buffer[pos:] if pos < len(buffer) else b""
+
+    def _counts(self, message: bytes) -> bool:
+        """Whether ``message`` is one to count (not a keepalive)."""
+        return True
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        if not self.opened.done():
+            self.opened.set_exception(exc or ConnectionError("closed while opening"))
+        if not self.closed.done():
+            self.closed.set_result(None)
+
+    def close(self) -> None:
+        if self.transport is not None:
+            self.transport.close()
+
+    def set_receive_low_water(self, size: int) -> None:
+        sock = self.transport.get_extra_info("socket") if self.transport else None
+        if sock is not None and self.is_open:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVLOWAT, max(1, size))
+
+    @property
+    def is_open(self) -> bool:
+        return self.opened.done() and not self.closed.done()
+
+
+class SseClient(_Counting):
+    """One Server-Sent Events stream; each event (heartbeat comments aside) is a message."""
+
+    separator = b"\n\n"
+
+    def __init__(self, url: Url) -> None:
+        super().__init__()
+        self._request = (f"GET {url.target} HTTP/1.1\r\nHost: {url.authority}\r\n"
+                         "Accept: text/event-stream\r\n\r\n").encode()
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = cast(asyncio.Transport, transport)
+        self.transport.write(self._request)
+
+    def data_received(self, data: bytes) -> None:
+        buffer = self._buffer + data if self._buffer else data
+        if not self.opened.done():
+            head_end = buffer.find(b"\r\n\r\n")
+            if head_end < 0:
+                self._buffer = buffer
+                return
+            if not buffer.startswith(b"HTTP/1.1 200"):
+                self.opened.set_exception(ConnectionError(buffer[:head_end].decode()))
+                self.close()
+                return
+            self.opened.set_result(None)
+            buffer = buffer[head_end + 4:]
+        self._buffer = self._count(buffer)
+
+    def _counts(self, message: bytes) -> bool:
+        return not message.startswith(b":")  # a heartbeat comment
+
+
+class LineClient(_Counting):
+    """One TCP line-protocol connection that sends ``first`` (its subscribe) on connect."""
+
+    def __init__(self, first: bytes) -> None:
+        super().__init__()
+        self._first = first
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = cast(asyncio.Transport, transport)
+        self.transport.write(self._first)
+        self.opened.set_result(None)
+
+    def send_frame(self, frame: bytes) -> None:
+        if self.transport is not None and not self.transport.is_closing():
+            self.transport.write(frame)
+
+    def data_received(self, data: bytes) -> None:
+        self._buffer = self._count(self._buffer + data if self._buffer else data)
+
+
+Subscriber = WebSocketClient | SseClient | LineClient
+
+
+async def open_subscriber(transport: str, url: Url, subprotocol: str = "", topic: str = "",
+                          timeout: float = 10.0) -> Subscriber:
+    """A subscriber over ``transport`` (``ws``, ``sse`` or ``tcp``), connected."""
+    if transport == "ws":
+        return await open_websocket(url, subprotocol, timeout)
+    loop = asyncio.get_running_loop()
+    if transport == "sse":
+        factory: Callable[[], _Counting] = lambda: SseClient(url)  # noqa: E731
+    else:
+        line = b'{"type":"subscribe","topic":%s}\n' % json.dumps(topic).encode()
+        factory = lambda: LineClient(line)  # noqa: E731
+    _, client = await asyncio.wait_for(loop.create_connection(factory, url.host, url.port),
+                                       timeout)
+    try:
+        await asyncio.wait_for(asyncio.shield(client.opened), timeout)
+    except BaseException:
+        client.close()
+        raise
+    return client  # type: ignore[return-value]

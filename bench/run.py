@@ -35,6 +35,8 @@ LOADGEN = servers.BENCH_DIR / "loadgen.py"
 # server always has publishes waiting while the load generator reads a burst.
 PUBLISHERS = 64
 Result = dict[str, Any]
+# the same server as "squall", other subscribers: its ingest is measured once, there
+ONE_PUBLISH_PATH = ("squall-sse", "squall-tcp")
 
 
 @dataclass(frozen=True)
@@ -98,6 +100,7 @@ class Driver:
     ) -> list[Result]:
         command = [sys.executable, str(LOADGEN), "--target", server.name]
         command += ["--port", str(server.port), "--publishers", str(PUBLISHERS)]
+        command += ["--tcp-port", str(server.tcp_port)] if server.tcp_port else []
         command += [arg for pid in server.pids for arg in ("--server-pid", str(pid))]
         command = servers.pinned([*command, *mode_args], self.loadgen_cpu)
         try:
@@ -144,6 +147,10 @@ def summary(line: Result) -> str:
     """One console line per measurement."""
     if "error" in line:
         return f"   {line['target']}: ERROR {line['error']}"
+    if line["measure"] == "ingest" and "events_per_s" in line:
+        return (f"   {line['target']:8} ingest {line['kind']}, {line['subscribers']} subscribers: "
+                f"{report.rate(line['events_per_s'])}, "
+                f"{report.number(line.get('server_cpu_us_per_event'), 2)} us/event")
     measure, target = line["measure"], line["target"]
     if measure == "fanout_max":
         return (
@@ -163,18 +170,26 @@ def summary(line: Result) -> str:
     return f"   {target:8} ingest {line['kind']}: {report.rate(line['events_per_s'])}"
 
 
-def run_fanout(driver: Driver, targets: Sequence[str]) -> None:
+def run_fanout(driver: Driver, targets: Sequence[str], interleave: bool = False) -> None:
+    """Max rate (best of ``repeat``) and latency per target and N. With ``interleave``
+    the targets take turns, one max-rate run each per round (latency in the last
+    round), so that a busy spell of the machine falls on all of them alike."""
     plan = driver.plan
+    rounds = plan.repeat if interleave else 1
     for n in plan.sizes:
         print(f"== fan-out, N={n}", flush=True)
-        for target in targets:
-            args = ["fanout", "-n", str(n), "--repeat", str(plan.repeat)]
-            args += ["--duration", str(plan.duration), "--warmup", str(plan.warmup)]
-            args += ["--latency-rate", str(plan.latency_rate)]
-            args += ["--latency-duration", str(plan.latency_duration)]
-            per_run = plan.warmup + plan.duration + 40
-            timeout = 60 + n / 200 + plan.repeat * per_run + plan.latency_duration + 45
-            driver.run_cell(target, args, timeout)
+        for index in range(rounds):
+            last = index == rounds - 1
+            for target in targets:
+                repeat = 1 if interleave else plan.repeat
+                args = ["fanout", "-n", str(n), "--repeat", str(repeat), "--run-offset",
+                        str(index)]
+                args += ["--duration", str(plan.duration), "--warmup", str(plan.warmup)]
+                args += ["--latency-rate", str(plan.latency_rate if last else 0)]
+                args += ["--latency-duration", str(plan.latency_duration)]
+                per_run = plan.warmup + plan.duration + 40
+                timeout = 60 + n / 200 + repeat * per_run + plan.latency_duration + 45
+                driver.run_cell(target, args, timeout)
 
 
 def run_idle(driver: Driver, targets: Sequence[str]) -> None:
@@ -184,23 +199,42 @@ def run_idle(driver: Driver, targets: Sequence[str]) -> None:
             driver.run_cell(target, ["idle", "-n", str(n)], timeout=120 + n / 50)
 
 
+# Ingest cells: (target, publish paths, subscribers of the published topic). Squall's
+# paths without subscribers and with 100, against nchan's single POST, a minimal
+# Tornado handler, Squall with its access log written, and the Redis broker's batch.
+INGEST_CELLS = (
+    ("squall", ("single", "batch", "ws", "tcp", "ndjson"), 0),
+    ("squall", ("single", "batch", "ws", "tcp", "ndjson"), 100),
+    ("squall-logged", ("single",), 0),
+    ("tornado-minimal", ("single",), 0),
+    ("nchan", ("single",), 0),
+    ("squall-redis", ("batch",), 0),
+)
+INGEST_TARGETS = ("squall-logged", "tornado-minimal")  # measured whenever squall is
+
+
 def run_ingest(driver: Driver, targets: Sequence[str]) -> None:
+    """Best of ``repeat`` rounds; in each, every cell once (the targets take turns)."""
     plan = driver.plan
-    print("== publish ingest, one subscriber", flush=True)
-    for target in targets:
-        args = ["ingest", "--kind", "single", "batch", "ws"]
-        args += ["--duration", str(plan.ingest_duration), "--warmup", str(plan.warmup)]
-        args += ["--batch-size", str(plan.batch_size)]
-        driver.run_cell(target, args, timeout=60 + 3 * (plan.ingest_duration + 30))
+    wanted = set(targets) | (set(INGEST_TARGETS) if "squall" in targets else set())
+    cells = [cell for cell in INGEST_CELLS if cell[0] in wanted]
+    for index in range(plan.repeat):
+        print(f"== publish ingest, round {index + 1} of {plan.repeat}", flush=True)
+        for target, kinds, subscribers in cells:
+            args = ["ingest", "--kind", *kinds, "--subscribers", str(subscribers)]
+            args += ["--duration", str(plan.ingest_duration), "--warmup", str(plan.warmup)]
+            args += ["--batch-size", str(plan.batch_size)]
+            driver.run_cell(target, args,
+                            timeout=60 + len(kinds) * (plan.ingest_duration + 30))
 
 
 def available_targets(requested: Sequence[str], driver: Driver) -> list[str]:
     """The requested targets that can run here; the others get a note."""
     targets = []
     for target in requested:
-        if target == "nchan" and servers.nchan_module() is None:
+        if target in ("nchan",) and servers.nchan_module() is None:
             driver.skip(target, "nginx with the nchan module is not installed (see README.md)")
-        elif target == "squall" and not (servers.ROOT / "run.py").exists():
+        elif target.startswith("squall") and not (servers.ROOT / "run.py").exists():
             driver.skip(target, "run.py not found")
         elif target == "squall-redis" and servers.find_redis_server() is None:
             driver.skip(target, "no redis-server (apt-get install redis-server)")
@@ -262,7 +296,8 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--quick", action="store_true", help="smoke run: small N, short runs")
     parser.add_argument("--repeat", type=int, help="max-rate runs per cell (default 3)")
-    parser.add_argument("--targets", default="squall,baseline,nchan", help="comma-separated")
+    parser.add_argument("--targets", default="squall,squall-sse,squall-tcp,squall-base,"
+                        "baseline,nchan", help="comma-separated")
     parser.add_argument("--sizes", type=int, nargs="+", help="subscriber counts N")
     parser.add_argument("--idle-sizes", type=int, nargs="+", help="idle connection counts")
     parser.add_argument("--duration", type=float, help="measured seconds per max-rate run")
@@ -270,6 +305,8 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--latency-duration", type=float, help="seconds of fixed-rate publishing")
     parser.add_argument("--skip", nargs="*", default=[], choices=("fanout", "idle", "ingest"))
     parser.add_argument("--no-pin", action="store_true", help="do not pin with taskset")
+    parser.add_argument("--interleave", action="store_true",
+                        help="fan-out: targets take turns, one max-rate run each per round")
     parser.add_argument("--out", type=Path, default=servers.BENCH_DIR / "results")
     return parser.parse_args(argv)
 
@@ -286,7 +323,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     driver = Driver(plan, args.out, pin=not args.no_pin)
     targets = available_targets([t for t in args.targets.split(",") if t], driver)
     if "fanout" not in args.skip:
-        run_fanout(driver, targets)
+        run_fanout(driver, targets, args.interleave)
     if "idle" not in args.skip:
         run_idle(driver, targets)
     if "ingest" not in args.skip:

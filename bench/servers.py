@@ -1,5 +1,6 @@
-"""Start and stop the servers under test: Squall (memory or Redis broker), the chat-demo
-baseline and nchan.
+"""Start and stop the servers under test: Squall (memory or Redis broker; its WebSocket,
+SSE and TCP transports; and Squall as it was at a base commit), the chat-demo baseline
+and nchan.
 
 Each server gets a fresh ephemeral port on 127.0.0.1, runs pinned to one core with
 ``taskset`` (when given), logs to a file, and is stopped with SIGTERM (SIGKILL after a
@@ -45,6 +46,7 @@ class Server:
     pids: list[int]
     log_path: Path
     cleanup: list[Callable[[], None]] = field(default_factory=list)
+    tcp_port: int = 0
 
     def stop(self, timeout: float = 10.0) -> None:
         """SIGTERM, then SIGKILL if it has not exited within ``timeout``."""
@@ -80,11 +82,52 @@ def pinned(command: Sequence[str], cpu: int | None) -> list[str]:
     return ["taskset", "-c", str(cpu), *command] if cpu is not None else list(command)
 
 
-def start_squall(cpu: int | None, log_dir: Path) -> Server:
-    """Squall from this repository, memory broker, warning-level logs."""
-    port = free_port()
-    command = [sys.executable, "run.py", "--host", HOST, "--port", str(port), *UNLIMITED]
-    return _start_python("squall", [*command, "--log-level", "warning"], port, cpu, log_dir)
+def start_squall(cpu: int | None, log_dir: Path, flags: Sequence[str] = (),
+                 name: str = "squall", root: Path = ROOT, log_level: str = "warning") -> Server:
+    """Squall from ``root`` (this repository), memory broker, warning-level logs, plus
+    ``flags``, with the TCP line protocol on a port of its own."""
+    port, tcp_port = free_port(), free_port()
+    command = [sys.executable, "run.py", "--host", HOST, "--port", str(port), *UNLIMITED,
+               *flags]
+    if (root / "transports" / "tcp.py").exists():
+        command += ["--tcp-port", str(tcp_port)]
+    command += ["--log-level", log_level]
+    server = _start_python(name, command, port, cpu, log_dir, cwd=root)
+    server.tcp_port = tcp_port
+    return server
+
+
+BASE_REV = os.environ.get("SQUALL_BENCH_BASE", "")
+
+
+def base_revision() -> str:
+    """The commit ``squall-base`` runs: $SQUALL_BENCH_BASE, else where this branch left
+    main (the code before the branch's changes)."""
+    if BASE_REV:
+        return BASE_REV
+    found = subprocess.run(["git", "merge-base", "HEAD", "main"], cwd=ROOT,
+                           capture_output=True, text=True, check=False)
+    return found.stdout.strip() or "HEAD~1"
+
+
+def start_squall_base(cpu: int | None, log_dir: Path) -> Server:
+    """Squall as it was at ``base_revision()``, exported to a temporary directory, in
+    the same run: the reference for "no slower than before"."""
+    revision = base_revision()
+    workdir = Path(tempfile.mkdtemp(prefix="bench-squall-base-"))
+    archive = subprocess.run(["git", "archive", revision], cwd=ROOT, capture_output=True,
+                             check=False)
+    if archive.returncode != 0:
+        shutil.rmtree(workdir, ignore_errors=True)
+        raise ServerError(f"git archive {revision} failed: {archive.stderr.decode()[:200]}")
+    subprocess.run(["tar", "-x", "-C", str(workdir)], input=archive.stdout, check=True)
+    try:
+        server = start_squall(cpu, log_dir, name="squall-base", root=workdir)
+    except ServerError:
+        shutil.rmtree(workdir, ignore_errors=True)
+        raise
+    server.cleanup.append(lambda: shutil.rmtree(workdir, ignore_errors=True))
+    return server
 
 
 def start_squall_redis(cpu: int | None, log_dir: Path) -> Server:
@@ -132,13 +175,29 @@ def start_baseline(cpu: int | None, log_dir: Path) -> Server:
     return _start_python("baseline", command, port, cpu, log_dir)
 
 
+def start_tornado_minimal(cpu: int | None, log_dir: Path) -> Server:
+    """The smallest Tornado handler taking a single publish (``minimal_server.py``)."""
+    port = free_port()
+    command = [sys.executable, str(BENCH_DIR / "minimal_server.py"), "--host", HOST,
+               "--port", str(port)]
+    return _start_python("tornado-minimal", command, port, cpu, log_dir)
+
+
+def start_squall_logged(cpu: int | None, log_dir: Path) -> Server:
+    """Squall with its access log written (one line per request, at info level)."""
+    server = start_squall(cpu, log_dir, flags=["--access-log", "true"], name="squall-logged",
+                          log_level="info")
+    return server
+
+
 def _start_python(
-    name: str, command: list[str], port: int, cpu: int | None, log_dir: Path
+    name: str, command: list[str], port: int, cpu: int | None, log_dir: Path,
+    cwd: Path = ROOT,
 ) -> Server:
     log_path = log_dir / f"{name}-{port}.log"
     with log_path.open("wb") as log:
         process = subprocess.Popen(
-            pinned(command, cpu), cwd=ROOT, stdout=log, stderr=subprocess.STDOUT
+            pinned(command, cpu), cwd=cwd, stdout=log, stderr=subprocess.STDOUT
         )
     server = Server(name, port, process, [process.pid], log_path)
     _wait_healthy(server)
@@ -279,7 +338,12 @@ def _copy_and_remove(workdir: Path, log_path: Path) -> None:
 
 STARTERS: dict[str, Callable[[int | None, Path], Server]] = {
     "squall": start_squall,
+    "squall-sse": lambda cpu, log_dir: start_squall(cpu, log_dir, name="squall-sse"),
+    "squall-tcp": lambda cpu, log_dir: start_squall(cpu, log_dir, name="squall-tcp"),
+    "squall-base": start_squall_base,
     "squall-redis": start_squall_redis,
     "baseline": start_baseline,
     "nchan": start_nchan,
+    "tornado-minimal": start_tornado_minimal,
+    "squall-logged": start_squall_logged,
 }

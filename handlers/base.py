@@ -52,12 +52,28 @@ class JsonErrors(RequestHandler):
         exc_info = kwargs.get("exc_info")
         status, code, message = _describe(exc_info, status_code)
         self.clear_header("Content-Type")
+        if status == 405:
+            message = self._not_allowed()
         if status == 401:
             self.set_header("WWW-Authenticate", 'Bearer realm="squall"')
         retry_after = getattr(exc_info[1] if exc_info else None, "retry_after", None)
         if retry_after:
             self.set_header("Retry-After", str(retry_after))
         self.reply(status, {"error": {"code": code, "message": message}})
+
+    def _not_allowed(self) -> str:
+        """The 405 message, with the ``Allow`` header RFC 9110 asks for."""
+        methods = ", ".join(self._methods())
+        self.set_header("Allow", methods)
+        method = (self.request.method or "")[:20]
+        allowed = " and ".join(methods.rsplit(", ", 1))
+        return f"{method} is not allowed on {self.request.path[:200]}; this path takes {allowed}"
+
+    def _methods(self) -> list[str]:
+        """The methods this handler implements, as ``Allow`` lists them."""
+        return [name.upper() for name in ("get", "head", "post", "put", "patch", "delete",
+                                          "options")
+                if getattr(type(self), name) is not getattr(RequestHandler, name)]
 
     def log_exception(self, typ: Any, value: Any, tb: Any) -> None:
         if isinstance(value, SquallError):
@@ -112,11 +128,6 @@ class ApiHandler(JsonErrors):
         self.set_status(204)
         self.finish()
 
-    def _methods(self) -> list[str]:
-        own = [name.upper() for name in ("get", "post", "put", "patch", "delete")
-               if getattr(type(self), name) is not getattr(RequestHandler, name)]
-        return [*own, "OPTIONS"]
-
     def grant(self) -> Grant:
         """What the request's credential allows; raises ``unauthorized`` for a bad one."""
         assert self.auth is not None
@@ -138,6 +149,10 @@ class StaticHandler(JsonErrors, StaticFileHandler):
         if "\x00" in path or not path.isprintable():
             raise SquallError("not_found", "no such file")
         await super().get(path, include_body)
+        if self.get_status() == 416:  # Tornado answers it with no body
+            self.clear_header("Content-Type")
+            self.reply(416, {"error": {"code": "invalid_body", "message": "the Range is "
+                                       "outside the file"}})
 
 
 def _describe(exc_info: Any, status: int) -> tuple[int, str, str]:

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 from handlers.base import ApiHandler
 from server.metrics import CONTENT_TYPE
-from server.topics import is_pattern
 
 
 class TopicsHandler(ApiHandler):
@@ -19,17 +18,9 @@ class TopicsHandler(ApiHandler):
 
     async def get(self) -> None:
         grant = self.grant()
-        broker = self.node.broker
-        subscribed = [name for name, _ in self.node.hub.router.names() if not is_pattern(name)]
-        retained = await broker.retained_topics()
-        counts = await broker.subscriber_counts(sorted(set(subscribed).union(retained)))
-        topics = sorted(topic for topic in set(retained).union(
-            topic for topic, n in counts.items() if n) if grant.may_subscribe(topic))
-        last_ids = await broker.last_ids(topics)
-        self.reply(200, {"topics": [
-            {"topic": topic, "subscribers": counts.get(topic, 0),
-             "last_id": last_ids.get(topic)}
-            for topic in topics]})
+        listing = await self.node.topic_listing()
+        self.reply(200, {"topics": [entry._asdict() for entry in listing
+                                    if grant.may_subscribe(entry.topic)]})
 
 
 class MetricsHandler(ApiHandler):

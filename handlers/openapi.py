@@ -1,7 +1,7 @@
 """``GET /v1/openapi.json``: the OpenAPI 3 document of the HTTP API.
 
 The document is ``openapi.json`` beside this module, read once at import. It
-describes every endpoint of protocol.md (HTTP API), the error schema and the
+describes every endpoint of docs/protocol.md (HTTP API), the error schema and the
 security schemes; tests/test_openapi.py checks a real server against it.
 """
 

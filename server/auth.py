@@ -1,6 +1,6 @@
 """Who may do what: API keys, JWTs, anonymous clients and allowed origins.
 
-Credentials (protocol.md, Auth):
+Credentials (docs/protocol.md, Auth):
 
 - ``Authorization: Bearer <credential>`` on HTTP and on the WebSocket handshake, or
   ``?token=<jwt>`` on the WebSocket (browsers cannot set headers; API keys are not
@@ -36,6 +36,7 @@ before they are logged.
 
 from __future__ import annotations
 
+import functools
 import hmac
 import logging
 import math
@@ -82,6 +83,7 @@ class Forbidden(SquallError):
 # -- topic patterns -------------------------------------------------------------------
 
 
+@functools.lru_cache(maxsize=4096)
 def covers(granted: str, requested: str) -> bool:
     """Whether every topic that ``requested`` matches is also matched by ``granted``.
 
@@ -112,10 +114,12 @@ class Grant:
     anonymous: bool = False
 
     def may_subscribe(self, pattern: str) -> bool:
-        return any(covers(granted, pattern) for granted in self.subscribe)
+        return self.subscribe == EVERYTHING or any(
+            covers(granted, pattern) for granted in self.subscribe)
 
     def may_publish(self, topic: str) -> bool:
-        return any(covers(granted, topic) for granted in self.publish)
+        return self.publish == EVERYTHING or any(
+            covers(granted, topic) for granted in self.publish)
 
     def check_subscribe(self, pattern: str) -> None:
         """Raise ``Forbidden`` unless ``pattern`` may be subscribed to (or read)."""
@@ -132,6 +136,16 @@ class Grant:
 
 
 OPEN = Grant(sub=None, subscribe=EVERYTHING, publish=EVERYTHING)
+
+
+def authorize_publish(rights: Grant, topic: str) -> None:
+    """``check_publish``, except that an anonymous client is told to authenticate."""
+    try:
+        rights.check_publish(topic)
+    except Forbidden as exc:
+        if rights.anonymous:
+            raise Unauthorized(f"{exc.message}: send an API key or a token") from None
+        raise
 
 
 # -- the verifier ---------------------------------------------------------------------

@@ -1,4 +1,4 @@
-"""Wire formats: JSON and msgpack, and the WebSocket frame bytes built from them.
+"""Codecs: JSON and msgpack values to bytes and back (framing is in server/wire.py).
 
 Every payload a client sends is decoded here, and every error is a ``SquallError``
 with code ``invalid_body``: callers never see a parser's own exception types.
@@ -9,11 +9,11 @@ from __future__ import annotations
 import base64
 import json
 import math
-import struct
 from dataclasses import dataclass
 from typing import Any
 
 import msgpack
+import orjson
 
 from server.errors import SquallError
 
@@ -25,16 +25,17 @@ MSGPACK_TYPES = ("application/msgpack", "application/x-msgpack")
 # encoder and decoder on the way recurses, and no event needs more.
 MAX_DEPTH = 64
 
-_OPCODE_TEXT = 0x1
-_OPCODE_BINARY = 0x2
-_FIN = 0x80
-
 
 def _reject_constant(name: str) -> None:
     raise ValueError(f"{name} is not valid JSON")
 
 
 _json_decoder = json.JSONDecoder(parse_constant=_reject_constant)
+# A run of 19 digits may be an integer beyond 64 bits, which orjson would make a float:
+# found by turning every digit into 0 and looking for 19 of them in a row.
+_DIGITS_AS_ZERO = bytes.maketrans(b"0123456789", b"0" * 10)
+_LONG_RUN = b"0" * 19
+_ORJSON_DEPTH = 254  # the deepest value orjson encodes
 _json_encoder = json.JSONEncoder(ensure_ascii=False, separators=(",", ":"), allow_nan=False)
 
 
@@ -63,9 +64,13 @@ def json_safe(value: Any) -> Any:
 def dump_json(value: Any) -> bytes:
     """Compact UTF-8 JSON; values from msgpack that JSON lacks are converted."""
     try:
-        return _json_encoder.encode(value).encode()
-    except (TypeError, ValueError):
-        return _json_encoder.encode(json_safe(value)).encode()
+        return orjson.dumps(value)
+    except TypeError:  # bytes, non-string keys, extension types: made JSON-safe
+        safe = json_safe(value)
+    try:
+        return orjson.dumps(safe)
+    except TypeError:  # integers beyond 64 bits (never from the edge, which refuses them)
+        return _json_encoder.encode(safe).encode()
 
 
 def check_value(value: Any, max_depth: int = MAX_DEPTH) -> None:
@@ -76,8 +81,7 @@ def check_value(value: Any, max_depth: int = MAX_DEPTH) -> None:
         item, depth = stack.pop()
         if isinstance(item, float):
             if not math.isfinite(item):
-                raise SquallError("invalid_body", "numbers must be finite (no NaN, no "
-                                  "infinity, nothing beyond 1.8e308)")
+                raise _not_finite()
         elif isinstance(item, dict | list | tuple):
             if depth > max_depth:
                 raise SquallError("invalid_body", f"the value is nested more than "
@@ -87,19 +91,68 @@ def check_value(value: Any, max_depth: int = MAX_DEPTH) -> None:
                          if isinstance(child, dict | list | tuple | float))
 
 
-def load_json(raw: bytes | str) -> Any:
+def may_hold_long_integers(raw: bytes) -> bool:
+    """Whether ``raw`` has a run of 19 digits (for checking many values' text at once)."""
+    return _LONG_RUN in raw.translate(_DIGITS_AS_ZERO)
+
+
+def load_json(raw: bytes | str, digits_checked: bool = False) -> Any:
     """Parse strict JSON (no NaN/Infinity), or raise ``invalid_body``.
 
     The value must also be one every codec can carry (finite numbers, at most
     ``MAX_DEPTH`` levels, no lone surrogates, integers within 64 bits), so that no
-    subscriber's encoding can fail later.
+    subscriber's encoding can fail later. orjson parses (it refuses non-finite numbers
+    and lone surrogates itself); a body with a run of 19 or more digits, where orjson
+    would turn a too-large integer into a float, goes through the standard parser,
+    which keeps it an integer for the 64-bit check to refuse. ``digits_checked``: the
+    caller found no such run in a text that holds this one (``may_hold_long_integers``).
+
+    Note orjson's own depth limit (1024 to parse, ``_ORJSON_DEPTH`` to encode) is
+    above ``MAX_DEPTH``, so the depth is checked here.
     """
+    if isinstance(raw, str):
+        raw = raw.encode("utf-8", "surrogatepass")  # orjson refuses what this lets through
+    if not digits_checked and may_hold_long_integers(raw):
+        return _load_json_exactly(raw)
+    try:
+        value = orjson.loads(raw)
+    except orjson.JSONDecodeError as exc:
+        if exc.msg.startswith("depth limit"):
+            raise _too_deep() from None
+        if "infinity" in exc.msg:
+            raise _not_finite() from None
+        raise _malformed(exc) from None
+    if raw.count(b"[") + raw.count(b"{") > MAX_DEPTH:  # else it cannot be deeper
+        _check_depth(value)
+    return value
+
+
+def _malformed(exc: json.JSONDecodeError) -> SquallError:
+    """What is wrong with a JSON text, and where: ``... at line 1 column 2``."""
+    return SquallError("invalid_body", f"malformed JSON: {exc.msg} at line {exc.lineno} "
+                       f"column {exc.colno}")
+
+
+def _check_depth(value: Any) -> None:
+    """``invalid_body`` if ``value`` nests deeper than ``MAX_DEPTH``, at C speed: orjson
+    refuses to encode past ``_ORJSON_DEPTH`` levels, so the value is tried inside as
+    many extra levels as leave exactly ``MAX_DEPTH`` for it."""
+    for _ in range(_ORJSON_DEPTH - MAX_DEPTH):
+        value = [value]
+    try:
+        orjson.dumps(value)
+    except TypeError:
+        raise _too_deep() from None
+
+
+def _load_json_exactly(raw: bytes | str) -> Any:
     try:
         text = raw.decode("utf-8") if isinstance(raw, bytes | bytearray) else raw
         value = _json_decoder.decode(text)
     except RecursionError:
-        raise SquallError("invalid_body", f"the value is nested more than {MAX_DEPTH} "
-                          "levels deep") from None
+        raise _too_deep() from None
+    except json.JSONDecodeError as exc:
+        raise _malformed(exc) from None
     except ValueError as exc:
         raise SquallError("invalid_body", f"malformed JSON: {_first_line(exc)}") from None
     check_value(value)
@@ -110,6 +163,22 @@ def load_json(raw: bytes | str) -> Any:
                           f"(integers must fit 64 bits, strings be valid Unicode): "
                           f"{_first_line(exc)}") from None
     return value
+
+
+def _containers(raw: bytes | str) -> int:
+    """How many arrays and objects ``raw`` may open at most: a bound on its depth."""
+    if isinstance(raw, str):
+        return raw.count("[") + raw.count("{")
+    return raw.count(b"[") + raw.count(b"{")
+
+
+def _not_finite() -> SquallError:
+    return SquallError("invalid_body", "numbers must be finite (no NaN, no infinity, "
+                       "nothing beyond 1.8e308)")
+
+
+def _too_deep() -> SquallError:
+    return SquallError("invalid_body", f"the value is nested more than {MAX_DEPTH} levels deep")
 
 
 def dump_msgpack(value: Any) -> bytes:
@@ -133,7 +202,7 @@ def _first_line(exc: BaseException) -> str:
 
 @dataclass(frozen=True, eq=False)
 class Codec:
-    """One wire format: how values become bytes and which WebSocket opcode carries them.
+    """One encoding: how values become bytes, and the WebSocket subprotocol naming it.
 
     Codecs are singletons (``JSON``, ``MSGPACK``) compared and hashed by identity.
     """
@@ -152,28 +221,10 @@ class Codec:
             return load_msgpack(raw)
         return load_json(raw)
 
-    def frame(self, value: Any) -> bytes:
-        """The complete unmasked WebSocket frame carrying ``value``."""
-        return ws_frame(self.dumps(value), self.binary)
-
 
 JSON = Codec("json", "squall.v1.json", binary=False)
 MSGPACK = Codec("msgpack", "squall.v1.msgpack", binary=True)
 CODECS = (JSON, MSGPACK)
-BY_SUBPROTOCOL = {codec.subprotocol: codec for codec in CODECS}
-
-
-def ws_frame(payload: bytes, binary: bool) -> bytes:
-    """A single final server-to-client frame (RFC 6455 5.2): header plus payload."""
-    first = _FIN | (_OPCODE_BINARY if binary else _OPCODE_TEXT)
-    length = len(payload)
-    if length < 126:
-        header = struct.pack("!BB", first, length)
-    elif length < 65536:
-        header = struct.pack("!BBH", first, 126, length)
-    else:
-        header = struct.pack("!BBQ", first, 127, length)
-    return header + payload
 
 
 def media_codec(content_type: str | None) -> Codec | None:

@@ -2,14 +2,17 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-from typing import Any
+from typing import Any, NamedTuple
 
 from server.errors import SquallError
 from server.topics import InvalidTopic, validate_pattern, validate_topic
 
 MAX_REF_LENGTH = 256
 MAX_KEY_LENGTH = 256
+
+
+# Commands are named tuples: one is made per client frame, and a tuple is the cheapest
+# object to make.
 
 
 class FrameError(SquallError):
@@ -20,37 +23,43 @@ class FrameError(SquallError):
         self.ref = ref
 
 
-@dataclass(frozen=True)
-class Subscribe:
+class Subscribe(NamedTuple):
     topic: str
     since: str | None = None
     ref: Any = None
 
 
-@dataclass(frozen=True)
-class Unsubscribe:
+class Unsubscribe(NamedTuple):
     topic: str
     ref: Any = None
 
 
-@dataclass(frozen=True)
-class Publish:
+class Publish(NamedTuple):
     topic: str
     data: Any
     idempotency_key: str | None = None
     ref: Any = None
 
 
-@dataclass(frozen=True)
-class Ping:
+class Ping(NamedTuple):
     ref: Any = None
 
 
-Command = Subscribe | Unsubscribe | Publish | Ping
+class Auth(NamedTuple):
+    """The TCP line protocol's way in for a credential (an API key or a JWT)."""
+
+    token: str
+    ref: Any = None
 
 
-def parse_command(frame: Any, max_topic_length: int) -> Command:
-    """The command in a decoded client frame; raises ``FrameError``."""
+Command = Subscribe | Unsubscribe | Publish | Ping | Auth
+
+
+def parse_command(frame: Any, max_topic_length: int, allow_auth: bool = False) -> Command:
+    """The command in a decoded client frame; raises ``FrameError``.
+
+    ``auth`` frames are commands only where ``allow_auth`` (the TCP line protocol).
+    """
     if not isinstance(frame, dict):
         raise FrameError("invalid_body", "a frame must be an object with a 'type'")
     ref = _ref(frame)
@@ -68,12 +77,16 @@ def parse_command(frame: Any, max_topic_length: int) -> Command:
                            _optional_text(frame, "idempotency_key", MAX_KEY_LENGTH), ref)
         if kind == "ping":
             return Ping(ref)
+        if kind == "auth" and allow_auth:
+            return Auth(_token(frame), ref)
     except SquallError as exc:
         raise FrameError(exc.code, exc.message, ref) from None
     if kind is None:
         raise FrameError("invalid_body", "frame has no 'type'", ref)
+    expected = "subscribe, unsubscribe, publish, ping or auth" if allow_auth else (
+        "subscribe, unsubscribe, publish or ping")
     raise FrameError("invalid_body", f"unknown frame type {str(kind)[:40]!r}; expected "
-                     "subscribe, unsubscribe, publish or ping", ref)
+                     f"{expected}", ref)
 
 
 def _ref(frame: dict[str, Any]) -> Any:
@@ -103,6 +116,13 @@ def _since(frame: dict[str, Any]) -> str | None:
     if since is None or isinstance(since, str):
         return since
     raise SquallError("invalid_body", "'since' must be an event id string")
+
+
+def _token(frame: dict[str, Any]) -> str:
+    token = frame.get("token")
+    if not isinstance(token, str) or not token:
+        raise SquallError("invalid_body", "auth frame needs a 'token' string (an API key or JWT)")
+    return token
 
 
 def _optional_text(frame: dict[str, Any], key: str, max_length: int) -> str | None:

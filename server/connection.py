@@ -2,16 +2,15 @@
 
 Publishing never waits on a socket. ``enqueue`` appends ready-made frame bytes to the
 connection's queue in O(1); the ``Flusher`` then hands each connection that got data
-its whole queue as one write. When the socket's buffer in Tornado is empty the bytes
-go straight to ``socket.send``; what the kernel does not take (and everything while a
-previous write is still pending) goes through the IOStream, and the connection waits
-for that write to finish before the next one, so frames never interleave and at most
-one batch sits in Tornado's buffer.
+its whole queue as one ``Transport.write``. The transport (the adapter that owns the
+socket, see transports/) takes what the kernel takes at once and keeps the rest in
+order; the connection waits for that write to finish before the next one, so at most
+one batch sits in the transport's buffer and frames never interleave.
 
-Fan-out to N sockets costs N ``send()`` calls per flush, whatever the number of
-events in it, so flushes are paced: at low rates each flush runs on the next loop
-pass, and when events keep coming the next flush waits a bounded while (a multiple
-of the last flush's duration, at most ``max_delay``) to carry all of them at once.
+Fan-out to N sockets costs N writes per flush, whatever the number of events in it,
+so flushes are paced: at low rates each flush runs on the next loop pass, and when
+events keep coming the next flush waits a bounded while (a multiple of the last
+flush's duration, at most ``max_delay``) to carry all of them at once.
 
 The queue counts queued plus in-flight bytes. Past ``max_queue_bytes`` the
 connection is a slow consumer: its queue is dropped and it is closed with 4008.
@@ -24,9 +23,7 @@ import logging
 from collections.abc import Callable
 from typing import Any, Protocol
 
-from tornado.iostream import IOStream, SSLIOStream, StreamClosedError
-
-from server.codec import Codec
+from server.wire import WireFormat
 
 log = logging.getLogger("squall.connection")
 
@@ -35,13 +32,22 @@ CLOSE_INTERNAL_ERROR = 1011
 
 
 class Transport(Protocol):
-    """The socket side of a connection (the WebSocket handler implements it)."""
+    """The socket side of a connection: an adapter in transports/ implements it.
 
-    def writable_stream(self) -> IOStream | None:
-        """The stream to write frames to, or None once the connection is closing."""
+    The adapter tells the connection's owner (the session) when the socket is gone;
+    writes after that are dropped without an error.
+    """
 
-    def close_transport(self, code: int, reason: str) -> None:
-        """Start the closing handshake with ``code``; frames queued after are dropped."""
+    def write(self, data: bytes | memoryview) -> asyncio.Future[None] | None:
+        """Send ``data`` after everything written before, without blocking.
+
+        None when it is all gone (to the kernel, or lost with a closed socket); else a
+        future done once the rest has left, or failed when the socket broke first.
+        """
+
+    def close(self, code: int, reason: str) -> None:
+        """Close with ``code`` after what was written (the WebSocket close frame, the
+        SSE ``close`` event or the TCP ``close`` line carries it). Idempotent."""
 
 
 class Flusher:
@@ -119,19 +125,19 @@ class Connection:
         "_transport",
         "_writing",
         "closed",
-        "codec",
         "dropped_frames",
         "hold",
         "info",
         "max_queue_bytes",
         "on_slow",
         "subscriptions",
+        "wire",
     )
 
-    def __init__(self, transport: Transport, codec: Codec, flusher: Flusher,
+    def __init__(self, transport: Transport, wire: WireFormat, flusher: Flusher,
                  max_queue_bytes: int, info: Any = None,
                  on_slow: Callable[[Connection], None] | None = None) -> None:
-        self.codec = codec
+        self.wire = wire
         self.info = info
         self.max_queue_bytes = max_queue_bytes
         self.on_slow = on_slow
@@ -199,8 +205,8 @@ class Connection:
                 future.set_result(None)
 
     def send(self, message: dict[str, Any]) -> None:
-        """Encode and queue a control message (replies, errors) in this codec."""
-        self.enqueue(self.codec.frame(message))
+        """Encode and queue a control message (replies, errors) in this wire format."""
+        self.enqueue(self.wire.frame(message))
 
     def close(self, code: int, reason: str, drain: bool = False) -> None:
         """Close the transport with ``code``; queued frames go first if ``drain``."""
@@ -209,19 +215,15 @@ class Connection:
         if drain:
             self._drain()
         self.mark_closed()
-        self._transport.close_transport(code, reason)
+        self._transport.close(code, reason)
 
     def _drain(self) -> None:
-        stream = self._transport.writable_stream()
-        if stream is None or not self._pending:
+        if not self._pending:
             return
         data = b"".join(self._pending)
         self._pending.clear()
         self._pending_frames = 0
-        try:
-            stream.write(data)  # behind any write in flight: the stream keeps the order
-        except StreamClosedError:
-            return
+        self._transport.write(data)  # behind any write in flight: the transport keeps order
 
     def mark_closed(self) -> None:
         """The transport closed: stop writing and release the queue."""
@@ -236,45 +238,18 @@ class Connection:
         self._marked = False
         if self._writing or self.closed or not self._pending:
             return
-        stream = self._transport.writable_stream()
-        if stream is None:
-            self.mark_closed()
-            return
         pending = self._pending
         data = pending[0] if len(pending) == 1 else b"".join(pending)
         pending.clear()
         self._pending_frames = 0
-        sent = self._send_direct(stream, data)
-        if sent < 0:
+        future = self._transport.write(data)
+        if future is None:
+            self._queued -= len(data)
+            if self._drain_waiter is not None:
+                self._wake_drain()
             return
-        self._queued -= sent
-        if self._drain_waiter is not None:
-            self._wake_drain()
-        if sent < len(data):
-            self._write_through_stream(stream, memoryview(data)[sent:] if sent else data)
-
-    def _send_direct(self, stream: IOStream, data: bytes) -> int:
-        """Bytes the kernel took without Tornado's help; -1 if the socket is gone."""
-        if stream.writing() or isinstance(stream, SSLIOStream):
-            return 0
-        try:
-            return stream.socket.send(data)
-        except (BlockingIOError, InterruptedError):
-            return 0
-        except OSError:
-            self.mark_closed()
-            stream.close()
-            return -1
-
-    def _write_through_stream(self, stream: IOStream, data: bytes | memoryview) -> None:
         self._writing = True
         self._inflight = len(data)
-        try:
-            future = stream.write(data)
-        except StreamClosedError:
-            self._writing = False
-            self.mark_closed()
-            return
         future.add_done_callback(self._on_written)
 
     def _on_written(self, future: asyncio.Future[None]) -> None:

@@ -1,4 +1,4 @@
-"""The error catalogue of protocol.md: every failure a client can cause has a code."""
+"""The error catalogue of docs/protocol.md: every failure a client can cause has a code."""
 
 from __future__ import annotations
 
@@ -13,6 +13,7 @@ STATUS: dict[str, int] = {
     "payload_too_large": 413,
     "unsupported_media_type": 415,
     "rate_limited": 429,
+    "upgrade_required": 426,
     "too_many_subscriptions": 429,
     "internal_error": 500,
     "broker_unavailable": 503,

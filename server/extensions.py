@@ -19,6 +19,7 @@ from server.authhook import AuthHook
 from server.webhooks import WebhookDispatcher, WebhookEndpoint
 
 _ENDPOINT_KEYS = {spec.name for spec in fields(WebhookEndpoint)}
+_REQUIRED_KEYS = ("url", "secret", "signals")
 
 
 def load_hooks(modules: Sequence[str]) -> None:
@@ -31,19 +32,32 @@ def load_hooks(modules: Sequence[str]) -> None:
                                 f"{type(exc).__name__}: {exc}") from None
 
 
-def webhook_endpoints(tables: Sequence[Mapping[str, Any]]) -> list[WebhookEndpoint]:
-    """The ``[[webhooks]]`` tables of the settings as endpoints; ``SettingsError`` if bad."""
+def webhook_endpoints(tables: Sequence[Mapping[str, Any]],
+                      origin: str | None = None) -> list[WebhookEndpoint]:
+    """The ``[[webhooks]]`` tables of the settings as endpoints; ``SettingsError`` if bad,
+    naming the table and, when given, where the tables came from (``origin``)."""
     endpoints = []
     for index, table in enumerate(tables):
-        where = f"setting webhooks[{index}]"
+        where = f"setting webhooks[{index}]" + (f" (from {origin})" if origin else "")
         if not isinstance(table, Mapping):
             raise SettingsError(f"{where} must be a table with url, secret and signals")
         unknown = sorted(set(table) - _ENDPOINT_KEYS)
         if unknown:
-            raise SettingsError(f"{where} has unknown keys {unknown}")
+            raise SettingsError(f"{where} has unknown keys {unknown}; known: "
+                                f"{sorted(_ENDPOINT_KEYS)}")
+        missing = [key for key in _REQUIRED_KEYS if key not in table]
+        if missing:
+            raise SettingsError(f"{where} lacks {' and '.join(missing)}: a [[webhooks]] "
+                                "table needs url, secret and signals")
+        if not isinstance(table["signals"], list | tuple):
+            raise SettingsError(f"{where}: signals must be a list, such as "
+                                '["subscribed", "unsubscribed"]')
         try:
             endpoints.append(WebhookEndpoint(**table))
-        except (TypeError, ValueError) as exc:
+        except TypeError:
+            raise SettingsError(f"{where} has a value of the wrong type: url and secret are "
+                                "text, signals a list, the others numbers") from None
+        except ValueError as exc:
             raise SettingsError(f"{where}: {exc}") from None
     return endpoints
 

@@ -41,6 +41,7 @@ from tornado.ioloop import IOLoop
 from tornado.iostream import IOStream, UnsatisfiableReadError
 
 from server.codec import dump_json
+from server.logs import Throttle
 
 log = logging.getLogger("squall.http")
 
@@ -181,7 +182,7 @@ class _Acceptor:
         self.pause = PAUSE
         self.paused = False
         self.stopped = False
-        self._quiet_until = 0.0
+        self._reports = Throttle(LOG_EVERY)
         self.loop.add_handler(sock, self._ready, IOLoop.READ)
 
     def _ready(self, fd: Any, events: int) -> None:
@@ -200,12 +201,10 @@ class _Acceptor:
 
     def _out_of_resources(self, exc: OSError) -> None:
         self.server.accept_errors += 1
-        now = self.loop.time()
-        if now >= self._quiet_until:
+        if self._reports.ready():
             level = logging.ERROR if exc.errno in _OUT_OF_RESOURCES else logging.WARNING
             log.log(level, "cannot accept connections (%s); pausing accepts, %d errors so far",
                     exc.strerror or exc, self.server.accept_errors)
-            self._quiet_until = now + LOG_EVERY
         self.loop.remove_handler(self.sock)
         self.paused = True
         self.loop.call_later(self.pause, self._resume)

@@ -3,7 +3,7 @@
 ``deliver`` is the broker's ``on_event``: it matches the topic and notes the event
 and its subscribers; it never awaits and never raises into the broker. Consecutive
 events of one topic form a run. At the next flush each run is fanned out: its frames
-(encoded once per codec by the events, shared by all) are joined once, and every
+(encoded once per wire format by the events, shared by all) are joined once, and every
 subscriber's queue gets that one chunk, so the work per subscriber is per flush,
 not per event. Whatever changes what a subscriber should see (the end of a replay,
 an unsubscribe, a shutdown) fans the pending runs out first.
@@ -26,12 +26,12 @@ from typing import Any, NamedTuple
 
 from server import signals
 from server.broker.base import Broker, Published, PublishRequest
-from server.codec import Codec
 from server.commands import with_ref
 from server.connection import CLOSE_SLOW_CONSUMER, Connection, Flusher
 from server.errors import SquallError
 from server.events import Event
 from server.router import Router
+from server.wire import WireFormat
 
 log = logging.getLogger("squall.hub")
 
@@ -66,11 +66,11 @@ class _Run:
         self.subscribers = subscribers
         self.events = [event]
 
-    def chunk(self, codec: Codec) -> bytes:
-        """Every event's frame in ``codec``, joined."""
+    def chunk(self, wire: WireFormat) -> bytes:
+        """Every event's frame in ``wire``, joined."""
         if len(self.events) == 1:
-            return self.events[0].frame(codec)
-        return b"".join([event.frame(codec) for event in self.events])
+            return self.events[0].frame(wire)
+        return b"".join([event.frame(wire) for event in self.events])
 
 
 # Events waiting for the flush at most: past this they are fanned out at once.
@@ -209,22 +209,22 @@ class Hub:
             self.observe_fanout(time.perf_counter() - started)
 
     def _fan_out_run(self, run: _Run) -> None:
-        chunks: dict[Codec, bytes] = {}
+        chunks: dict[WireFormat, bytes] = {}
         count = len(run.events)
         for connection in run.subscribers:
             if connection.hold is not None:
                 for event in run.events:
                     self._hold_back(connection, event)
                 continue
-            codec = connection.codec
-            chunk = chunks.get(codec)
+            wire = connection.wire
+            chunk = chunks.get(wire)
             if chunk is None:
-                chunk = chunks[codec] = run.chunk(codec)
+                chunk = chunks[wire] = run.chunk(wire)
             if len(chunk) <= connection.max_queue_bytes // 2:
                 connection.enqueue(chunk, count)
             else:  # a burst past half the queue: frame by frame, written as it goes
                 for event in run.events:
-                    connection.enqueue(event.frame(codec))
+                    connection.enqueue(event.frame(wire))
 
     # -- subscriptions -------------------------------------------------------
 
@@ -349,7 +349,7 @@ class Hub:
         budget = connection.max_queue_bytes // 2
         for event in events:
             hold.replayed.add(event.id)
-            connection.enqueue(event.frame(connection.codec))
+            connection.enqueue(event.frame(connection.wire))
             if connection.queued_bytes > budget:
                 await connection.drained(budget // 2)
                 if connection.closed:
@@ -374,7 +374,7 @@ class Hub:
         connection.hold = None
         for event in hold.events:
             if event.id not in hold.replayed:
-                connection.enqueue(event.frame(connection.codec))
+                connection.enqueue(event.frame(connection.wire))
 
     def _on_slow(self, connection: Connection) -> None:
         self.slow_closes += 1

@@ -2,9 +2,13 @@
 
 from __future__ import annotations
 
+import asyncio
+import itertools
 import logging
+import os
 import socket
 from collections.abc import Sequence
+from typing import NamedTuple
 
 from config.settings import Settings
 from server import extensions, signals
@@ -17,8 +21,17 @@ from server.keepalive import Keepalive
 from server.metrics import Metrics, MetricSource
 from server.ratelimit import Limits
 from server.topics import is_pattern
+from server.wire import WireFormat
 
 log = logging.getLogger("squall.node")
+
+LISTING_TTL = 1.0  # seconds one computed topic listing serves GET /v1/topics
+
+
+class TopicEntry(NamedTuple):
+    topic: str
+    subscribers: int
+    last_id: str | None
 
 CLOSE_GOING_AWAY = 1001
 CLOSE_EVENTS_LOST = 4009
@@ -45,6 +58,10 @@ class Node:
                        observe_fanout=self.metrics.fanout_seconds.observe,
                        flusher=Flusher(WRITE_PACE, settings.write_delay))
         self.keepalive = Keepalive(settings.ping_interval, settings.ping_timeout)
+        self.heartbeat = Keepalive(settings.sse_heartbeat, 0)  # answered by no one
+        # made here, in the worker: ids are unique across workers and nodes
+        self._client_prefix = os.urandom(6).hex()
+        self._client_ids = itertools.count(1)
         self.metrics.watch(self)
         self.webhooks = extensions.webhook_dispatcher(settings, self.name)
         self.auth_hook = extensions.auth_hook(settings, self.name)
@@ -52,10 +69,13 @@ class Node:
             lambda: extensions.extension_metrics(self.webhooks, self.auth_hook))
         self.broker.on_gap = self._on_gap
         self.broker.local_counts = self._count_local
+        self._listing: asyncio.Task[list[TopicEntry]] | None = None
+        self._listing_until = 0.0
 
     async def start(self) -> None:
         await self.broker.start(self.hub.deliver)
         self.keepalive.start()
+        self.heartbeat.start()
         if self.webhooks is not None:
             self.webhooks.start()
 
@@ -65,7 +85,7 @@ class Node:
         await self.close()
 
     async def drain(self, timeout: float) -> None:
-        """Turn unready, close every WebSocket with 1001 (clients reconnect elsewhere)
+        """Turn unready, close every client with 1001 (clients reconnect elsewhere)
         and wait, up to ``timeout``, for publishes under way to finish."""
         self.shutting_down = True
         self.hub.close_all(CLOSE_GOING_AWAY, "server shutting down")
@@ -75,15 +95,54 @@ class Node:
     async def close(self) -> None:
         """Release the keepalive, the broker, the webhooks and the signal queues."""
         await self.keepalive.stop()
+        await self.heartbeat.stop()
         await self.broker.close()
         timeout = self.settings.shutdown_timeout / 2
         if self.webhooks is not None:
             await self.webhooks.close(timeout)
         await signals.shutdown(timeout)
 
+    def new_client_id(self) -> str:
+        """A client id no other worker or node gives out: ``c-`` and 48 random bits
+        chosen by this node, then a counter."""
+        return f"c-{self._client_prefix}{next(self._client_ids):x}"
+
+    def keepalive_for(self, wire: WireFormat) -> Keepalive | None:
+        """What keeps a client on ``wire`` alive: pings it must answer (WebSocket), a
+        heartbeat it need not answer (SSE), or nothing (TCP)."""
+        if wire.ping is None:
+            return None
+        return self.keepalive if wire.answers_pings else self.heartbeat
+
     @property
     def ready(self) -> bool:
         return not self.shutting_down and self.broker.ready
+
+    async def topic_listing(self) -> list[TopicEntry]:
+        """Every topic with subscribers on some node or retained history, with its
+        cluster-wide subscriber count and last id, sorted; computed at most once per
+        ``LISTING_TTL`` seconds, however many ask meanwhile (callers filter by grant)."""
+        loop = asyncio.get_running_loop()
+        cached = self._listing
+        if cached is not None and (not cached.done() or loop.time() < self._listing_until):
+            return await asyncio.shield(cached)
+        self._listing = loop.create_task(self._list_topics())
+        return await asyncio.shield(self._listing)
+
+    async def _list_topics(self) -> list[TopicEntry]:
+        try:
+            broker = self.broker
+            subscribed = [name for name, _ in self.hub.router.names() if not is_pattern(name)]
+            retained = await broker.retained_topics()
+            counts = await broker.subscriber_counts(sorted(set(subscribed).union(retained)))
+            topics = sorted(set(retained).union(topic for topic, n in counts.items() if n))
+            last_ids = await broker.last_ids(topics)
+        except BaseException:
+            self._listing = None  # a failure is not kept: the next caller tries again
+            raise
+        self._listing_until = asyncio.get_running_loop().time() + LISTING_TTL
+        return [TopicEntry(topic, counts.get(topic, 0), last_ids.get(topic))
+                for topic in topics]
 
     def _on_gap(self, name: str) -> None:
         self.hub.close_subscribers(name, CLOSE_EVENTS_LOST, "events lost; resume with since")

@@ -16,17 +16,20 @@ import resource
 import signal
 import socket
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Coroutine
+from typing import Any
 
 from tornado.netutil import bind_sockets
 from tornado.web import Application
 
 from config.settings import Settings, SettingsError
+from handlers.fastpath import FastPaths
 from server import extensions
-from server.app import make_app
+from server.app import access_log_of, make_app
 from server.httpserver import Connections, SquallHTTPServer, server_metrics
 from server.logs import setup_logging
 from server.node import Node
+from transports.tcp import LineServer, bind_tcp, serve_lines
 
 log = logging.getLogger("squall")
 
@@ -50,15 +53,30 @@ def serve(settings: Settings) -> int:
                                if ":" not in settings.host else socket.AF_UNSPEC,
                                backlog=LISTEN_BACKLOG)
     except OSError as exc:
-        log.error("cannot listen on %s:%s: %s", settings.host, settings.port, exc.strerror)
+        log.error("cannot listen on %s:%s: %s (another port: --port or SQUALL_PORT)",
+                  settings.host, settings.port, exc.strerror)
+        return 1
+    try:
+        tcp_sockets = bind_tcp(settings)
+    except OSError as exc:
+        log.error("cannot listen on %s:%s: %s", settings.host, settings.tcp_port, exc.strerror)
         return 1
     if settings.workers > 1:
         status = _run_workers(settings.workers)
         if status is not None:  # the parent, once every worker has exited
-            for sock in sockets:
+            for sock in [*sockets, *tcp_sockets]:
                 sock.close()
             return status
-    return asyncio.run(_serve(settings, sockets))
+    return run_loop(settings.event_loop, _serve(settings, sockets, tcp_sockets))
+
+
+def run_loop(kind: str, main: Coroutine[Any, Any, int]) -> int:
+    """Run ``main`` on the event loop ``kind`` names (``event_loop``)."""
+    if kind == "uvloop":
+        import uvloop
+
+        return uvloop.run(main)
+    return asyncio.run(main)
 
 
 def _run_workers(count: int) -> int | None:
@@ -137,11 +155,13 @@ def _exit_status(wait_status: int) -> int:
     return code if code >= 0 else 128 - code
 
 
-async def _serve(settings: Settings, sockets: list[socket.socket]) -> int:
+async def _serve(settings: Settings, sockets: list[socket.socket],
+                 tcp_sockets: list[socket.socket]) -> int:
     node = Node(settings)
     await node.start()
     server = http_server(node)
     server.add_sockets(sockets)
+    lines = serve_lines(node, tcp_sockets)
     _warn_if_open(settings)
     port = sockets[0].getsockname()[1]
     log.info("listening on http://%s:%d with broker %s", settings.host, port,
@@ -151,13 +171,16 @@ async def _serve(settings: Settings, sockets: list[socket.socket]) -> int:
     for signum in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(signum, stopping.set)
     await stopping.wait()
-    return await _shutdown(node, server, settings.shutdown_timeout)
+    return await _shutdown(node, server, settings.shutdown_timeout, lines)
 
 
-async def _shutdown(node: Node, server: SquallHTTPServer, timeout: float) -> int:
-    """Stop accepting, close WebSockets with 1001, finish in-flight requests."""
+async def _shutdown(node: Node, server: SquallHTTPServer, timeout: float,
+                    lines: LineServer | None = None) -> int:
+    """Stop accepting, close every client with 1001, finish in-flight requests."""
     log.info("shutting down (up to %.0fs)", timeout)
     server.stop()
+    if lines is not None:
+        lines.stop()
     await node.drain(timeout)
     try:
         await asyncio.wait_for(server.close_all_connections(), timeout)
@@ -173,8 +196,9 @@ def http_server(node: Node, app: Application | None = None) -> SquallHTTPServer:
     connection bounds and timeouts; its counters go to the node's metrics."""
     settings = node.settings
     most = connection_budget(settings.max_http_connections)
+    routes = FastPaths(app or make_app(node), node, access_log_of(node).line)
     server = SquallHTTPServer(
-        app or make_app(node), xheaders=settings.trust_proxy_headers,
+        routes, xheaders=settings.trust_proxy_headers,
         max_body_size=max(settings.max_batch_bytes, settings.max_event_bytes) + 65536,
         max_header_size=settings.max_header_bytes,
         idle_connection_timeout=settings.header_timeout, body_timeout=settings.body_timeout,

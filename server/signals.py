@@ -54,7 +54,6 @@ from __future__ import annotations
 import asyncio
 import inspect
 import logging
-import time
 from collections import deque
 from collections.abc import Awaitable, Callable, Iterable, Mapping
 from dataclasses import dataclass
@@ -62,6 +61,7 @@ from types import MappingProxyType
 from typing import Any, Generic, Protocol, TypeVar, cast
 
 from server import tasks
+from server.logs import Throttle
 
 log = logging.getLogger("squall.signals")
 
@@ -104,23 +104,6 @@ class PublishedEvent(Protocol):
     def data(self) -> Any: ...
 
 
-class _Throttle:
-    """Lets a warning through at most once per interval and counts what it held back."""
-
-    def __init__(self, interval: float = _WARN_INTERVAL) -> None:
-        self.interval = interval
-        self._next = 0.0
-        self.held = 0
-
-    def ready(self) -> bool:
-        now = time.monotonic()
-        if now < self._next:
-            self.held += 1
-            return False
-        self._next = now + self.interval
-        return True
-
-
 class WorkQueue(Generic[T]):
     """A bounded FIFO of items handled one at a time by one supervised task.
 
@@ -147,7 +130,7 @@ class WorkQueue(Generic[T]):
         self._idle = asyncio.Event()
         self._idle.set()
         self._task: asyncio.Task[None] | None = None
-        self._full_warning = _Throttle()
+        self._full_warning = Throttle(_WARN_INTERVAL)
 
     def __len__(self) -> int:
         return len(self._items) + self._busy
@@ -211,7 +194,7 @@ class WorkQueue(Generic[T]):
 
     def _warn_full(self) -> None:
         if self._full_warning.ready():
-            held, self._full_warning.held = self._full_warning.held, 0
+            held = self._full_warning.take_held()
             self.logger.warning("queue %s is full (%d items): dropping an item "
                               "(%d more dropped since the last warning)",
                               self.name, self.max_size, held)
@@ -239,7 +222,7 @@ class AsyncRunner:
         self.max_queue = max_queue
         self.receiver_timeout = receiver_timeout
         self._queues: dict[asyncio.AbstractEventLoop, WorkQueue[_Call]] = {}
-        self._no_loop_warning = _Throttle()
+        self._no_loop_warning = Throttle(_WARN_INTERVAL)
 
     def submit(self, call: _Call) -> bool:
         """Queue ``call`` on the running loop; False when it was dropped."""

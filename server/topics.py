@@ -1,4 +1,4 @@
-"""Topic names and subscription patterns (protocol.md, Topics).
+"""Topic names and subscription patterns (docs/protocol.md, Topics).
 
 A topic is 1 to 255 characters: segments of ``[A-Za-z0-9_\\-:@]`` joined by ``.``.
 A pattern may also use ``*`` (exactly one segment) and ``>`` (one or more trailing
@@ -22,6 +22,21 @@ class InvalidTopic(ValueError):
 
 def validate_topic(name: object, max_length: int = MAX_TOPIC_LENGTH) -> str:
     """Return ``name`` if it is a valid concrete topic (no wildcards), else raise."""
+    if type(name) is str and (name, max_length) in _VALID_TOPICS:
+        return name  # publishers name the same few topics again and again
+    topic = _validate_topic(name, max_length)
+    if len(_VALID_TOPICS) >= _REMEMBERED:
+        _VALID_TOPICS.clear()
+    _VALID_TOPICS[(topic, max_length)] = None
+    return topic
+
+
+# Topics found valid lately, a bounded memo of a pure function (cleared when full).
+_VALID_TOPICS: dict[tuple[str, int], None] = {}
+_REMEMBERED = 4096
+
+
+def _validate_topic(name: object, max_length: int) -> str:
     topic = _text(name, max_length)
     for segment in _segments(topic):
         if segment in (SINGLE, TAIL):

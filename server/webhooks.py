@@ -7,7 +7,7 @@ Each endpoint has its own bounded queue and its own supervised task, which posts
 delivery at a time, so an endpoint that is down or hangs delays only itself.
 
 A delivery is ``POST <url>`` with ``Content-Type: application/json`` and the body of
-protocol.md::
+docs/protocol.md (Webhooks)::
 
     {"signal": "subscribed", "ts": <ms>, "node": "<node name>",
      "client": {"id": ..., "sub": ..., "ip": ...} or null,

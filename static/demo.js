@@ -2,10 +2,14 @@
 import Squall from "./squall.mjs";
 
 const MAX_LOG_ENTRIES = 500;
+// What the page subscribes to when the URL presets nothing (?topic=...): every topic,
+// so that an event published anywhere, as the README's curl does, shows at once.
+const DEFAULT_TOPICS = [">"];
 const $ = (selector) => document.querySelector(selector);
 
 const ui = {
   state: $("#state"),
+  transport: $("#transport"),
   stateDetail: $("#state-detail"),
   url: $("#url"),
   token: $("#token"),
@@ -24,7 +28,10 @@ const ui = {
   pause: $("#pause"),
 };
 
+const params = new URLSearchParams(location.search);
 let client = null;
+let connectedWith = null;           // {url, token} of the current client
+let opens = 0;                      // how many times a connection opened
 const subscriptions = new Map();  // topic or pattern -> {subscription, count, element}
 const counters = new Map();       // topic -> {count, row}
 let total = 0;
@@ -40,21 +47,43 @@ function defaultUrl() {
 function connect() {
   if (client) client.close();
   const token = ui.token.value.trim() || null;
-  client = new Squall(ui.url.value.trim(), {token});
+  connectedWith = {url: ui.url.value.trim(), token};
+  client = new Squall(connectedWith.url, {token, transport: params.get("transport") || "auto"});
   client.on("state", showState);
+  client.on("transport", ({transport}) => {
+    ui.transport.hidden = false;
+    ui.transport.textContent = transport === "sse" ? "over SSE" : "over WebSocket";
+    ui.transport.dataset.transport = transport;
+  });
   client.on("recovery_failed", ({topic}) => {
     notice(`${topic}: the events missed while disconnected could not be recovered; ` +
            "an app would reload its state now.", "warn");
   });
-  client.on("error", (error) => notice(`${error.code || "error"}: ${error.message}`, "error"));
+  // a refused subscription is told by its own onError (attach), once
+  client.on("error", (error) => {
+    if (!error.topic) notice(`${error.code || "error"}: ${error.message}`, "error");
+  });
   for (const topic of subscriptions.keys()) attach(topic);
+  showButtons();
+}
+
+const ACTIVE = new Set(["connecting", "open", "reconnecting"]);
+
+// Connect while disconnected; while connected, Reconnect only once the URL or the
+// token was changed (with them); Disconnect while connected.
+function showButtons() {
+  const active = client !== null && ACTIVE.has(client.state);
+  const changed = connectedWith !== null && (ui.url.value.trim() !== connectedWith.url ||
+                                             (ui.token.value.trim() || null) !== connectedWith.token);
+  ui.connect.textContent = active && changed ? "Reconnect" : "Connect";
+  ui.connect.disabled = active && !changed;
+  ui.disconnect.disabled = !active;
 }
 
 function showState({state, code, reason, delay}) {
   ui.state.textContent = state;
   ui.state.dataset.state = state;
-  ui.disconnect.disabled = state === "closed";
-  ui.connect.textContent = state === "closed" ? "Connect" : "Reconnect";
+  showButtons();
   const closedWith = code ? ` (closed ${code}${reason ? `: ${reason}` : ""})` : "";
   const details = {
     connecting: `Connecting to ${client.url}…`,
@@ -63,7 +92,7 @@ function showState({state, code, reason, delay}) {
     closed: `Disconnected${closedWith}.`,
   };
   ui.stateDetail.textContent = details[state] || "";
-  if (state === "open") notice("connected", "ok");
+  if (state === "open" && opens++ > 0) notice("connected again", "ok");
   if (state === "reconnecting") notice(`connection lost${closedWith}; reconnecting`, "warn");
 }
 
@@ -156,6 +185,7 @@ function logEvent(event) {
   const item = document.createElement("li");
   item.className = "event";
   item.dataset.topic = event.topic;
+  item.dataset.id = event.id;
   item.style.setProperty("--hue", hue(event.topic));
   item.innerHTML = '<div class="meta"><span class="topic"></span><span class="id"></span>' +
     '<time></time></div><pre class="data"></pre>';
@@ -178,7 +208,7 @@ function notice(text, kind) {
 
 function prepend(item) {
   ui.log.prepend(item);
-  ui.logEmpty.hidden = true;
+  if (item.classList.contains("event")) ui.logEmpty.hidden = true;
   while (ui.log.children.length > MAX_LOG_ENTRIES) ui.log.lastElementChild.remove();
 }
 
@@ -231,10 +261,12 @@ function clock(ms) {
     `.${pad(time.getMilliseconds(), 3)}`;
 }
 
+// The README's curl, for the publish form's topic and data.
 function curlHint() {
-  const topic = ui.publishTopic.value.trim() || "demo.hello";
-  $("#curl-hint").textContent = `curl -X POST ${location.origin}/v1/topics/${topic}/events \\\n` +
-    `  -H 'Content-Type: application/json' -d '{"text": "hi"}'`;
+  const topic = ui.publishTopic.value.trim() || "orders.eu";
+  const data = ui.publishData.value.trim().replace(/\s*\n\s*/g, " ") || "null";
+  $("#curl-hint").textContent = `curl -s -X POST ${location.origin}/v1/topics/${topic}/events \\\n` +
+    `     -H 'Content-Type: application/json' -d '${data.replaceAll("'", "'\\''")}'`;
 }
 
 // -- wiring -------------------------------------------------------------------------
@@ -244,6 +276,8 @@ $("#connect-form").addEventListener("submit", (event) => {
   connect();
 });
 ui.disconnect.addEventListener("click", () => client.close());
+ui.url.addEventListener("input", showButtons);
+ui.token.addEventListener("input", showButtons);
 $("#subscribe-form").addEventListener("submit", (event) => {
   event.preventDefault();
   const topic = ui.subscribeTopic.value.trim();
@@ -260,6 +294,7 @@ ui.publishData.addEventListener("keydown", (event) => {
   }
 });
 ui.publishTopic.addEventListener("input", curlHint);
+ui.publishData.addEventListener("input", curlHint);
 ui.pause.addEventListener("click", () => {
   paused = !paused;
   ui.pause.setAttribute("aria-pressed", String(paused));
@@ -270,9 +305,9 @@ $("#clear").addEventListener("click", () => {
   ui.logEmpty.hidden = false;
 });
 
-// ?url=...&topic=a&topic=b preset the connection and subscriptions
-const params = new URLSearchParams(location.search);
+// ?url=...&topic=a&topic=b&transport=sse preset the connection and the subscriptions
 ui.url.value = params.get("url") || defaultUrl();
 curlHint();
 connect();
-for (const topic of params.getAll("topic")) subscribe(topic);
+const presets = params.getAll("topic");
+for (const topic of presets.length ? presets : DEFAULT_TOPICS) subscribe(topic);

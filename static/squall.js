@@ -1,5 +1,6 @@
 /*
- * squall.js: the browser client for Squall's WebSocket API (protocol v1, JSON only).
+ * squall.js: the browser client for Squall (protocol v1, JSON only): WebSocket, or
+ * Server-Sent Events where WebSockets cannot get through.
  *
  * No dependencies and no build step. Load it either way:
  *
@@ -13,7 +14,16 @@
  *
  * Guarantees: each subscription sees every event of its topics once, in publish order,
  * across reconnects, as long as the server's history covers the outage (resumed with
- * `since`); when it does not, "recovery_failed" says so. See docs/browser.md.
+ * `since`, or with the `last_id` of its `subscribed` reply when it saw no event yet);
+ * when it does not, "recovery_failed" says so, before the events that follow it. A
+ * subscribe the server cannot take now (`broker_unavailable`) is retried with backoff.
+ * See docs/browser.md.
+ *
+ * Transports: WebSocket first; after `fallbackAfter` WebSocket handshakes failed in a
+ * row (or with `transport: "sse"`) it follows its topics over `GET /v1/sse` instead,
+ * reopening the stream when the topics change and resuming from the last event id,
+ * and publishes with `POST /v1/topics/{topic}/events`. `client.transport` and the
+ * "transport" event say which one is in use.
  */
 (function (root) {
   "use strict";
@@ -23,6 +33,8 @@
   // Close codes after which reconnecting cannot help (protocol.md, Close codes).
   var TERMINAL_CODES = [1000, 1009, 4000, 4003];
   var RECENT_IDS = 1000;
+  // Errors a subscribe may get while the server's broker is away: retried with backoff.
+  var RETRIED_SUBSCRIBE_ERRORS = ["broker_unavailable"];
 
   var DEFAULTS = {
     token: null,             // a JWT, sent as ?token=
@@ -33,7 +45,12 @@
     pingTimeout: 10000,      // ms without any frame after a ping before reconnecting
     connectTimeout: 10000,   // ms a handshake may take before reconnecting
     publishTimeout: 15000,   // ms before a publish promise rejects with code "timeout"
-    WebSocket: null          // the WebSocket constructor (default: the global one)
+    transport: "auto",       // "auto" (WebSocket, then SSE), "websocket" or "sse"
+    fallbackAfter: 3,        // failed WebSocket handshakes in a row before SSE ("auto")
+    sseUrl: null,            // the SSE endpoint (default: the url's /v1/sse)
+    WebSocket: null,         // the WebSocket constructor (default: the global one)
+    EventSource: null,       // the EventSource constructor (default: the global one)
+    fetch: null              // fetch, for publishing over HTTP on SSE (default: the global one)
   };
 
   /** An error from the server (an `error` frame) or from the client itself. */
@@ -90,6 +107,17 @@
     return resolved.toString();
   }
 
+  /** The SSE endpoint next to a WebSocket URL: /v1/ws becomes /v1/sse, ws(s) http(s). */
+  function streamUrl(url, sseUrl) {
+    var base = root.location ? root.location.href : undefined;
+    var resolved = new URL(sseUrl || url || "/v1/ws", base);
+    if (resolved.protocol === "ws:") resolved.protocol = "http:";
+    if (resolved.protocol === "wss:") resolved.protocol = "https:";
+    if (!sseUrl) resolved.pathname = resolved.pathname.replace(/\/ws$/, "/sse");
+    resolved.search = "";
+    return resolved;
+  }
+
   function eventKey(event) {
     return event.topic + "\n" + event.id;
   }
@@ -126,6 +154,7 @@
       this.recent = new RecentKeys();
       this.subscribed = false;
       this.replay = null;
+      this.retries = 0;  // subscribes answered broker_unavailable in a row
     }
 
     /** Record `event` as seen; false when it was seen already. */
@@ -204,7 +233,13 @@
       this._nextRef = 1;
       this._attempt = 0;
       this._socket = null;
+      this._source = null;           // the EventSource, on SSE
       this._timers = {};
+      this.transport = null;         // "websocket" or "sse" once open
+      this._failedHandshakes = 0;    // WebSocket handshakes failed in a row
+      this._opened = false;          // whether the current connection opened
+      this._streamId = null;         // the last event seen live: where a stream resumes
+      this._restreaming = false;
       this._generation = 0;          // bumped on every connect and close, to drop stale work
       this._needToken = !this.token && typeof this.options.getToken === "function";
       if (this.options.autoConnect) {
@@ -218,7 +253,10 @@
 
     // -- public API ---------------------------------------------------------------
 
-    /** Listen: "state", "open", "close", "event", "subscribed", "recovery_failed", "error". */
+    /**
+     * Listen: "state", "open", "close", "event", "subscribed", "recovery_failed", "error",
+     * "transport" ({transport}: "websocket" or "sse").
+     */
     on(name, listener) {
       if (!this._listeners.has(name)) this._listeners.set(name, new Set());
       this._listeners.get(name).add(listener);
@@ -248,11 +286,17 @@
       var subscription = new Subscription(this, entry, handler, options || {});
       entry.subscriptions.add(subscription);
       if (!fresh && entry.subscribed) subscription._resolve({topic: topic});
-      if (fresh && this._isOpen()) this._sendSubscribe(entry);
+      if (fresh && this._isOpen()) {
+        if (this.transport === "sse") this._restream();
+        else this._sendSubscribe(entry);
+      }
       return subscription;
     }
 
-    /** Publish over the socket; resolves with the `published` reply, rejects with SquallError. */
+    /**
+     * Publish (over the socket, or over HTTP on SSE); resolves with the `published` reply,
+     * rejects with SquallError.
+     */
     publish(topic, data, options) {
       options = options || {};
       if (data === undefined) {
@@ -274,7 +318,7 @@
                                              timeout + " ms"));
         }, timeout);
         self._requests.set(ref, request);
-        if (self._isOpen()) self._send(frame);
+        if (self._isOpen()) self._sendPublish(request);
       });
     }
 
@@ -282,16 +326,17 @@
     connect() {
       if (this.state === "connecting" || this.state === "open") return;
       this._attempt = 0;
+      this._failedHandshakes = 0;
       this._lastClose = null;
       this._connect();
     }
 
     /** Close for good (until `connect()`); pending publishes reject with code "closed". */
     close() {
-      var socket = this._socket;
+      var connected = Boolean(this._socket || this._source);
+      if (this._socket) this._socket.close(1000, "client closed");
       this._detach();
-      if (socket) {
-        socket.close(1000, "client closed");
+      if (connected) {
         this._emit("close", {code: 1000, reason: "client closed", willReconnect: false});
       }
       this._stop(1000, "client closed");
@@ -303,7 +348,7 @@
       var generation = ++this._generation;
       this._setState("connecting", {attempt: this._attempt});
       if (!this._needToken) {
-        this._openSocket();
+        this._openTransport();
         return;
       }
       var self = this;
@@ -318,12 +363,20 @@
           }
           self.token = token;
           self._needToken = false;
-          self._openSocket();
+          self._openTransport();
         }, function (error) {
           if (generation !== self._generation) return;
           self._emit("error", error);
           self._retry(reason.code || CLOSE_UNAUTHORIZED, "getToken failed");
         });
+    }
+
+    _openTransport() {
+      var mode = this.options.transport;
+      var fallBack = mode === "auto" && this._failedHandshakes >= this.options.fallbackAfter;
+      this._opened = false;
+      if (mode === "sse" || fallBack) this._openStream();
+      else this._openSocket();
     }
 
     _openSocket() {
@@ -348,6 +401,8 @@
 
     _onOpen() {
       clearTimeout(this._timers.connect);
+      this._opened = true;
+      this._failedHandshakes = 0;
       var self = this;
       this._timers.stable = setTimeout(function () {
         self._attempt = 0;
@@ -358,13 +413,16 @@
       // everything buffered goes first, in order: subscribes, then publishes
       this._entries.forEach(function (entry) { self._sendSubscribe(entry); });
       this._requests.forEach(function (request) {
-        if (request.kind === "publish") self._send(request.frame);
+        if (request.kind === "publish") self._sendPublish(request);
       });
+      this._opened = true;
+      this._setTransport("websocket");
       this._setState("open");
-      this._emit("open", {url: this.url});
+      this._emit("open", {url: this.url, transport: "websocket"});
     }
 
     _onClose(code, reason) {
+      if (!this._opened && this.transport !== "sse") this._failedHandshakes += 1;
       this._detach();
       var unauthorized = code === CLOSE_UNAUTHORIZED;
       var renewable = unauthorized && typeof this.options.getToken === "function";
@@ -381,6 +439,7 @@
     /** Give up on a socket that stopped answering, and reconnect. */
     _abandon(reason) {
       var socket = this._socket;
+      if (socket && !this._opened) this._failedHandshakes += 1;
       this._detach();
       if (socket) socket.close();
       this._emit("close", {code: 1006, reason: reason, willReconnect: true});
@@ -411,7 +470,7 @@
       if (this.state !== "closed") this._setState("closed", {code: code, reason: reason});
     }
 
-    /** Forget the current socket: its callbacks, timers and unanswered subscribes. */
+    /** Forget the current socket or stream: its callbacks, timers and unanswered subscribes. */
     _detach() {
       var socket = this._socket;
       this._socket = null;
@@ -419,6 +478,7 @@
       if (socket) {
         socket.onopen = socket.onmessage = socket.onclose = null;
       }
+      this._closeStream();
       var self = this;
       this._requests.forEach(function (request, ref) {
         if (request.kind !== "publish") self._requests.delete(ref);
@@ -450,11 +510,23 @@
     // -- frames ---------------------------------------------------------------------
 
     _isOpen() {
+      if (this.transport === "sse") return this.state === "open" && this._opened;
       return Boolean(this._socket) && this._socket.readyState === 1;
     }
 
     _send(frame) {
-      if (this._isOpen()) this._socket.send(JSON.stringify(frame));
+      if (this._socket && this._socket.readyState === 1) this._socket.send(JSON.stringify(frame));
+    }
+
+    _sendPublish(request) {
+      if (this.transport === "sse" && !this._socket) this._httpPublish(request);
+      else this._send(request.frame);
+    }
+
+    _setTransport(name) {
+      if (this.transport === name) return;
+      this.transport = name;
+      this._emit("transport", {transport: name});
     }
 
     _sendSubscribe(entry) {
@@ -487,6 +559,13 @@
 
     _onEvent(event) {
       var self = this;
+      var live = true;
+      this._entries.forEach(function (entry) {
+        if (!entry.subscribed || entry.replay) live = false;
+      });
+      // a stream resumes from the last event seen while no replay was under way: during
+      // replays, events of different topics do not come in id order
+      if (live) this._streamId = event.id;
       this._entries.forEach(function (entry) {
         if (!topicMatches(entry.topic, event.topic)) return;
         if (entry.replay) entry.replay.push(event);
@@ -501,30 +580,35 @@
     }
 
     _onSubscribed(frame) {
-      var request = this._requests.get(frame.ref);
+      var key = frame.ref !== undefined ? frame.ref : "sse:" + frame.topic;  // SSE: no refs
+      var request = this._requests.get(key);
       if (!request || request.kind !== "subscribe") return;
-      this._requests.delete(frame.ref);
+      this._requests.delete(key);
       var entry = request.entry;
       if (this._entries.get(entry.topic) !== entry) return;  // unsubscribed meanwhile
       entry.subscribed = true;
+      entry.retries = 0;
       var self = this;
-      entry.takeReplay(frame.recovered !== false).forEach(function (event) {
-        self._deliver(entry, event);
-      });
+      var replayed = entry.takeReplay(frame.recovered !== false);
       var info = {topic: entry.topic};
       if (typeof frame.recovered === "boolean") info.recovered = frame.recovered;
-      entry.subscriptions.forEach(function (subscription) {
-        subscription._resolve(info);
-        subscription._call("onSubscribed", info);
-      });
-      this._emit("subscribed", info);
       if (frame.recovered === false) {
+        // the gap comes before the events replayed with it (all accepted after the
+        // loss, e.g. since the server restarted): the app reloads, then applies them
         var failure = {topic: entry.topic, since: request.since};
         entry.subscriptions.forEach(function (subscription) {
           subscription._call("onRecoveryFailed", failure);
         });
         this._emit("recovery_failed", failure);
       }
+      replayed.forEach(function (event) { self._deliver(entry, event); });
+      // a subscription that saw no event yet resumes from where it started
+      if (!entry.lastId && frame.last_id) entry.lastId = frame.last_id;
+      entry.subscriptions.forEach(function (subscription) {
+        subscription._resolve(info);
+        subscription._call("onSubscribed", info);
+      });
+      this._emit("subscribed", info);
     }
 
     _onError(frame) {
@@ -534,11 +618,33 @@
         this._settle(frame.ref, error);
         return;
       }
+      if (!request && this.transport === "sse" && frame.ref === undefined &&
+          RETRIED_SUBSCRIBE_ERRORS.indexOf(frame.code) >= 0) {
+        this._restreamLater();  // a stream's subscribe failed: reopen it after a while
+        return;
+      }
       if (request && request.kind === "subscribe") {
         this._requests.delete(frame.ref);
+        if (RETRIED_SUBSCRIBE_ERRORS.indexOf(frame.code) >= 0) {
+          this._retrySubscribe(request.entry);
+          return;
+        }
         this._failSubscription(request.entry, error);
       }
       this._emit("error", error);
+    }
+
+    /** The server could not subscribe now (its broker is down): ask again later. */
+    _retrySubscribe(entry) {
+      var self = this;
+      var socket = this._socket;
+      entry.replay = null;
+      var delay = backoffDelay(entry.retries++, this.options.backoff);
+      setTimeout(function () {
+        if (self._socket === socket && self._isOpen() && self._entries.get(entry.topic) === entry) {
+          self._sendSubscribe(entry);
+        }
+      }, delay);
     }
 
     /** A refused subscribe (invalid_topic, forbidden, ...): it is not retried. */
@@ -566,9 +672,160 @@
       entry.subscriptions.delete(subscription);
       if (entry.subscriptions.size || this._entries.get(entry.topic) !== entry) return;
       this._entries.delete(entry.topic);
-      if (this.state === "open") {
+      if (this.state === "open" && this.transport === "sse") this._restream();
+      else if (this.state === "open") {
         this._send({type: "unsubscribe", topic: entry.topic, ref: this._nextRef++});
       }
+    }
+
+    // -- Server-Sent Events -------------------------------------------------------------
+
+    /**
+     * Follow every entry over one SSE stream, resuming from the last event seen. With no
+     * entry there is no stream: the client counts as open and publishes over HTTP.
+     */
+    _openStream(quiet) {
+      var self = this;
+      var url = streamUrl(this.url, this.options.sseUrl);
+      var since = this._streamSince();
+      this._entries.forEach(function (entry) {
+        url.searchParams.append("topic", entry.topic);
+        entry.replay = since ? [] : null;
+        self._requests.set("sse:" + entry.topic, {kind: "subscribe", entry: entry, since: since});
+      });
+      if (!this._entries.size) {
+        if (!quiet) this._onStreamOpen();
+        return;
+      }
+      if (since) url.searchParams.set("since", since);
+      if (this.token) url.searchParams.set("token", this.token);
+      var Source = this.options.EventSource || root.EventSource;
+      var source;
+      try {
+        source = new Source(url.toString());
+      } catch (error) {
+        this._emit("error", error);
+        this._stop(1006, String(error && error.message));
+        return;
+      }
+      this._source = source;
+      source.onopen = function () { if (!quiet) self._onStreamOpen(); };
+      source.onmessage = function (message) { self._onMessage(message.data); };
+      source.addEventListener("subscribed", function (message) { self._onMessage(message.data); });
+      source.addEventListener("close", function (message) { self._onStreamClose(message.data); });
+      // "error" is both the server's error events (with data) and the stream's own failures
+      source.addEventListener("error", function (message) {
+        if (typeof message.data === "string") self._onMessage(message.data);
+        else self._abandon("stream failed");
+      });
+      if (!quiet) {
+        this._timers.connect = setTimeout(function () {
+          self._abandon("connect timeout");
+        }, this.options.connectTimeout);
+      }
+    }
+
+    _onStreamOpen() {
+      clearTimeout(this._timers.connect);
+      var self = this;
+      this._opened = true;
+      this._timers.stable = setTimeout(function () {
+        self._attempt = 0;
+      }, this.options.backoff.resetAfter);
+      this._setTransport("sse");
+      this._setState("open");
+      this._requests.forEach(function (request) {
+        if (request.kind === "publish") self._httpPublish(request);
+      });
+      this._emit("open", {url: this.url, transport: "sse"});
+    }
+
+    /** The server ends the stream: never let EventSource reconnect on its own. */
+    _onStreamClose(data) {
+      var frame;
+      try {
+        frame = JSON.parse(data);
+      } catch (error) {
+        frame = {code: 1006, reason: "malformed close event"};
+      }
+      this._onClose(frame.code, frame.reason || "");
+    }
+
+    _closeStream() {
+      var source = this._source;
+      this._source = null;
+      if (source) {
+        source.onopen = source.onmessage = null;
+        source.close();
+      }
+    }
+
+    /** The topics changed: open a new stream for them (once per turn), from the last id. */
+    _restream() {
+      if (this._restreaming) return;
+      this._restreaming = true;
+      var self = this;
+      Promise.resolve().then(function () {
+        self._restreaming = false;
+        if (self.transport !== "sse" || self.state !== "open") return;
+        self._closeStream();
+        self._requests.forEach(function (request, ref) {
+          if (request.kind === "subscribe") self._requests.delete(ref);
+        });
+        self._entries.forEach(function (entry) { entry.subscribed = false; });
+        self._openStream(true);
+      });
+    }
+
+    /** Reopen the stream after a backoff (its server could not subscribe now). */
+    _restreamLater() {
+      var self = this;
+      var source = this._source;
+      var delay = backoffDelay(this._streamRetries = (this._streamRetries || 0) + 1,
+                               this.options.backoff);
+      setTimeout(function () {
+        if (self._source === source) self._restream();
+      }, delay);
+    }
+
+    /** One id for every topic of a stream: the last live one, else a given `since`. */
+    _streamSince() {
+      if (this._streamId) return this._streamId;
+      var since = null;
+      this._entries.forEach(function (entry) { since = since || entry.lastId; });
+      return since;
+    }
+
+    /** On SSE publishes go over HTTP, with the same idempotency key as over the socket. */
+    _httpPublish(request) {
+      if (request.sending) return;
+      request.sending = true;
+      var self = this;
+      var frame = request.frame;
+      var url = streamUrl(this.url, this.options.sseUrl);
+      url.pathname = url.pathname.replace(/\/sse$/, "") + "/topics/" +
+        encodeURIComponent(frame.topic) + "/events";
+      var headers = {"Content-Type": "application/json", "Idempotency-Key": frame.idempotency_key};
+      if (this.token) headers.Authorization = "Bearer " + this.token;
+      var fetcher = this.options.fetch || root.fetch.bind(root);
+      fetcher(url.toString(), {method: "POST", headers: headers, body: JSON.stringify(frame.data)})
+        .then(function (response) {
+          return response.json().then(function (body) { return [response, body]; });
+        })
+        .then(function (answer) {
+          var response = answer[0], body = answer[1];
+          if (response.ok) {
+            self._settle(frame.ref, null, {type: "published", topic: body.topic, id: body.id,
+                                           ts: body.ts, ref: frame.ref});
+            return;
+          }
+          var error = body && body.error ? body.error : {code: "http_" + response.status};
+          self._settle(frame.ref, new SquallError(error.code, error.message,
+                                                  {type: "error", code: error.code,
+                                                   message: error.message, ref: frame.ref}));
+        }, function () {
+          request.sending = false;  // unreachable: sent again (same key) when open again
+        });
     }
 
     // -- events for the app -----------------------------------------------------------

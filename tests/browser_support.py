@@ -39,10 +39,11 @@ LOADERS = {
 }
 
 # Starts window.client with the options given, recording everything it reports.
-# follow(topic, options) subscribes and records the events into record.events[topic].
+# follow(topic, options) subscribes and records the events into record.events[topic];
+# record.journal has every event and gap of every subscription, in the order reported.
 START_CLIENT = """({topics, options, tokens}) => {
   const record = {events: {}, states: [], transitions: [], closes: [], recoveryFailed: [],
-                  callbacks: [], tokenRequests: [], errors: []};
+                  callbacks: [], tokenRequests: [], errors: [], journal: []};
   const settings = Object.assign({}, options);
   if (tokens) {
     settings.getToken = (why) => {
@@ -63,8 +64,14 @@ START_CLIENT = """({topics, options, tokens}) => {
   window.subs = {};
   window.follow = (topic, extra) => {
     record.events[topic] = [];
-    const options = Object.assign({onRecoveryFailed: (f) => record.callbacks.push(f)}, extra);
-    subs[topic] = client.subscribe(topic, (event) => record.events[topic].push(event), options);
+    const options = Object.assign({onRecoveryFailed: (f) => {
+      record.callbacks.push(f);
+      record.journal.push(`gap ${topic}`);
+    }}, extra);
+    subs[topic] = client.subscribe(topic, (event) => {
+      record.events[topic].push(event);
+      record.journal.push(`${topic} ${event.data}`);
+    }, options);
     return subs[topic].ready;
   };
   for (const topic of topics) follow(topic);
@@ -73,6 +80,24 @@ START_CLIENT = """({topics, options, tokens}) => {
 
 def harness_html(loading: str) -> str:
     return f"<!doctype html><meta charset=utf-8><title>harness</title>{LOADERS[loading]}"
+
+
+def harness_app(node: Any) -> Any:
+    """The node's application plus the test pages that load squall.js
+    (``/harness/classic.html``, ``/harness/module.html``), served by the node itself:
+    Chromium refuses a WebSocket to loopback from a page that did not come from it."""
+    from tornado.web import RequestHandler
+
+    from server.app import make_app
+
+    class HarnessHandler(RequestHandler):
+        def get(self, loading: str) -> None:
+            self.set_header("Content-Type", "text/html; charset=utf-8")
+            self.write(harness_html(loading))
+
+    application = make_app(node)
+    application.add_handlers(r".*", [(r"/harness/(classic|module)\.html", HarnessHandler)])
+    return application
 
 
 def missing_browser() -> str | None:

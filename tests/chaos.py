@@ -1,6 +1,6 @@
 """Clients that follow the protocol through faults, and the bookkeeping of what got lost.
 
-``Resumer`` is a WebSocket subscriber that does what protocol.md asks of a client:
+``Resumer`` is a WebSocket subscriber that does what docs/protocol.md asks of a client:
 after any close it reconnects and resubscribes each name with the id of the last
 event that subscription delivered (or the ``last_id`` of its ``subscribed`` reply
 when none came), retries a subscribe answered ``broker_unavailable``, and notes every

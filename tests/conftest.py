@@ -2,8 +2,11 @@
 
 ``app`` builds a node from ``squall_settings`` (override that fixture, or use the
 ``settings`` marker, to change limits); pytest-tornado serves it on ``http_port``
-once a test asks for ``http_server``. ``ws_connect`` opens real WebSocket clients
-(the ``websockets`` package) and closes them all after the test.
+once a test asks for ``http_server``, and ``tcp_port`` serves its TCP line protocol.
+``ws_connect`` opens real WebSocket clients (the ``websockets`` package) and closes
+them all after the test; ``open_client`` opens clients of one transport (``ws``,
+``sse`` or ``tcp``, see tests/transport_clients.py), and ``transport`` runs a test
+once on each.
 """
 
 from __future__ import annotations
@@ -25,8 +28,15 @@ from server.app import make_app
 from server.httpserver import SquallHTTPServer
 from server.node import Node
 from server.serve import http_server as http_server_for
+from tests.transport_clients import CLIENTS, KINDS, TransportClient
+from transports.tcp import LineServer
 
 TIMEOUT = 10.0
+
+if Settings().event_loop == "uvloop":  # the tests run on the loop production runs on
+    import uvloop
+
+    asyncio.set_event_loop_policy(uvloop.EventLoopPolicy())
 
 
 @pytest.fixture
@@ -67,8 +77,67 @@ def http_server(request: pytest.FixtureRequest, io_loop: IOLoop, _unused_port: A
 
 
 @pytest.fixture
+def chromium(io_loop: IOLoop) -> Iterator[Any]:
+    """A headless Chromium for the test (tests/browser_support.py); page errors fail it."""
+    from tests.browser_support import Chromium, require_browser
+
+    browser = Chromium(require_browser())
+    yield browser
+    io_loop.run_sync(browser.close)
+    assert not browser.page_errors, f"uncaught errors in the page: {browser.page_errors}"
+
+
+@pytest.fixture
+def origin(http_server: Any, http_port: int) -> str:
+    # the address the test server listens on (localhost may resolve to ::1 first)
+    return f"http://127.0.0.1:{http_port}"
+
+
+@pytest.fixture
 def ws_url(http_server: Any, http_port: int) -> str:
     return f"ws://127.0.0.1:{http_port}/v1/ws"
+
+
+@pytest.fixture
+def tcp_port(node: Node, io_loop: IOLoop) -> Iterator[int]:
+    """The node's TCP line protocol, on an ephemeral port."""
+    from tornado.netutil import bind_sockets
+
+    sockets = bind_sockets(0, "127.0.0.1")
+    server = LineServer(node)
+    server.add_sockets(sockets)
+    yield sockets[0].getsockname()[1]
+    server.stop()
+
+
+@pytest.fixture(params=KINDS)
+def transport(request: pytest.FixtureRequest) -> str:
+    """Run the test once per transport: ``ws``, ``sse`` and ``tcp``."""
+    return str(request.param)
+
+
+OpenClient = Callable[..., Awaitable[TransportClient]]
+
+
+@pytest.fixture
+def open_client(transport: str, request: pytest.FixtureRequest,
+                io_loop: IOLoop) -> Iterator[OpenClient]:
+    """``await open_client(topics=("a",), since=..., token=...)`` on this test's transport."""
+    if transport == "tcp":
+        port = request.getfixturevalue("tcp_port")
+    else:
+        request.getfixturevalue("http_server")
+        port = request.getfixturevalue("http_port")
+    opened: list[TransportClient] = []
+
+    async def connect(topics: tuple[str, ...] = (), **options: Any) -> TransportClient:
+        client = await CLIENTS[transport].connect(port, topics, **options)
+        opened.append(client)
+        return client
+
+    yield connect
+    for client in opened:
+        client.close()
 
 
 class Client:

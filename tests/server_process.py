@@ -6,11 +6,12 @@ import asyncio
 import json
 import os
 import re
+import socket
 import subprocess
 import sys
 import threading
 import urllib.request
-from collections.abc import Coroutine
+from collections.abc import Callable, Coroutine
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -18,6 +19,14 @@ T = TypeVar("T")
 
 ROOT = Path(__file__).resolve().parent.parent
 _LISTENING = re.compile(r"listening on http://[^:]+:(\d+)")
+_TCP = re.compile(r"TCP line protocol on [^:]+:(\d+)")
+
+
+def free_port() -> int:
+    """A port nothing listens on now (for a server that must come back on the same one)."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
 
 
 def run_async(coroutine: Coroutine[Any, Any, T]) -> T:
@@ -31,7 +40,11 @@ def run_async(coroutine: Coroutine[Any, Any, T]) -> T:
 
 
 class ServerProcess:
-    """Starts ``run.py`` with flags, learns its port from the log, stops it on exit."""
+    """Starts ``run.py`` with flags, learns its port from the log, stops it on exit.
+
+    ``restart`` stops it and starts it again on the same port, as an operator would:
+    clients that reconnect find it where it was.
+    """
 
     def __init__(self, *flags: str, env: dict[str, str] | None = None) -> None:
         # the port is read from the "listening" line, logged at info level
@@ -40,8 +53,22 @@ class ServerProcess:
         self.env = {**os.environ, **(env or {})}
         self.process: subprocess.Popen[str] | None = None
         self.port = 0
+        self.tcp_port = 0  # with --tcp-port: the port it logged
         self.log: list[str] = []
         self._listening = threading.Event()
+
+    def restart(self, timeout: float = 20.0,
+                while_down: Callable[[], object] | None = None) -> ServerProcess:
+        """Stop (SIGTERM: a graceful shutdown), call ``while_down`` if given, and start
+        again on the same port."""
+        port = self.port
+        self.stop()
+        if while_down is not None:
+            while_down()
+        self.flags[1] = str(port)
+        self.port = 0
+        self._listening = threading.Event()
+        return self.start(timeout)
 
     def start(self, timeout: float = 20.0) -> ServerProcess:
         self.process = subprocess.Popen(
@@ -56,14 +83,18 @@ class ServerProcess:
 
     def _read_log(self) -> None:
         """Keep draining the server's output, so it never blocks on a full pipe."""
-        assert self.process is not None and self.process.stdout is not None
-        for line in self.process.stdout:
+        process, listening = self.process, self._listening
+        assert process is not None and process.stdout is not None
+        for line in process.stdout:
             self.log.append(line)
+            tcp = _TCP.search(line)
+            if tcp:
+                self.tcp_port = int(tcp.group(1))
             found = _LISTENING.search(line)
-            if found and not self.port:
+            if found and not listening.is_set():
                 self.port = int(found.group(1))
-                self._listening.set()
-        self._listening.set()  # exited: stop waiting
+                listening.set()
+        listening.set()  # exited: stop waiting
 
     @property
     def url(self) -> str:

@@ -14,10 +14,10 @@ import pytest
 from tornado.httputil import HTTPServerRequest
 from tornado.ioloop import IOLoop
 
-from handlers.ws import SocketHandler
 from server.keepalive import Keepalive
 from tests.rawws import RawSocket, close_code
 from tests.waiting import eventually
+from transports.websocket import WebSocketHandler
 
 live = pytest.mark.gen_test(timeout=20)
 
@@ -198,7 +198,7 @@ async def test_closed_connections_leave_the_keepalive(ws_connect, raw_connect, n
 
 
 def handshake_objects() -> list[object]:
-    return [o for o in gc.get_objects() if isinstance(o, (SocketHandler, HTTPServerRequest))]
+    return [o for o in gc.get_objects() if isinstance(o, (WebSocketHandler, HTTPServerRequest))]
 
 
 @live

@@ -36,7 +36,7 @@ def node(squall_settings, io_loop, clock):
     node = Node(squall_settings, limits=Limits(squall_settings, clock=clock))
     io_loop.run_sync(node.start)
     yield node
-    io_loop.run_sync(node.broker.close)
+    io_loop.run_sync(node.stop)
 
 
 # -- the pieces --------------------------------------------------------------------------

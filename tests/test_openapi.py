@@ -70,7 +70,9 @@ def test_schemathesis_finds_nothing(server, tmp_path, credential):
     command = [str(SCHEMATHESIS), "run", f"{server.url}/v1/openapi.json", "--checks", CHECKS,
                "--max-examples", "30", "--seed", "7", "--workers", "1", "--no-color",
                "--generation-database", "none", "--report", "json",
-               "--report-json-path", str(report)]
+               "--report-json-path", str(report),
+               # a stream that is answered 200 never ends: its refusals are tested elsewhere
+               "--exclude-path", "/v1/sse"]
     if credential == "api key":
         command += ["--header", f"Authorization: Bearer {API_KEY}"]
     result = subprocess.run(command, capture_output=True, text=True, timeout=300, cwd=tmp_path,
@@ -82,5 +84,5 @@ def test_schemathesis_finds_nothing(server, tmp_path, credential):
           f"{run['operations']['tested']} operations, {cases['with_failures']} failing")
     assert run["failures"] == [] and run["errors"] == [], result.stdout[-5000:]
     assert result.returncode == 0, result.stdout[-5000:]
-    assert run["operations"]["tested"] == run["operations"]["total"] >= 8
+    assert run["operations"]["tested"] == run["operations"]["total"] - 1 >= 8  # all but SSE
     assert cases["generated"] >= 200 and cases["errored"] == 0

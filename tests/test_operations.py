@@ -112,3 +112,13 @@ def test_one_access_line_per_request_none_per_frame():
               if line.startswith("{") and '"squall.access"' in line]
     assert [(line["method"], line["path"], line["status"]) for line in access] == [
         ("GET", "/v1/ws", 101), ("GET", "/healthz", 200)]
+
+
+@pytest.mark.gen_test
+async def test_the_tests_run_on_the_event_loop_production_runs_on():
+    from config.settings import Settings
+
+    loop = asyncio.get_running_loop()
+    expected = Settings().event_loop
+    assert type(loop).__module__.split(".")[0] == ("uvloop" if expected == "uvloop"
+                                                    else "asyncio")

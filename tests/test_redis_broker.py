@@ -336,3 +336,23 @@ async def test_subscribers_that_lost_events_are_closed_with_4009(
     event = await kept.recv_type("event")
     assert event["data"] == "kept"
     assert node.hub.router.subscribers("ws.lost") == 0
+
+
+async def test_broker_reconnects_are_counted_in_the_metrics(node, ws_connect, redis_server,
+                                                           http_client, base_url):
+    client = await ws_connect(query="topic=counted")
+    await client.recv_type("subscribed")
+
+    async def reconnects() -> float:
+        response = await http_client.fetch(f"{base_url}/metrics")
+        line = next(line for line in response.body.decode().splitlines()
+                    if line.startswith("squall_broker_reconnects_total"))
+        return float(line.split()[1])
+
+    assert await reconnects() == 0
+    for expected in (1, 2):
+        with redis_server.client() as admin:
+            assert admin.client_kill_filter(_type="pubsub") == 1
+        await eventually(lambda expected=expected: node.broker.reconnects == expected
+                         and node.broker.ready, what="the listener back")
+        assert await reconnects() == expected

@@ -3,7 +3,7 @@
 A publisher POSTs numbered events to node A at a steady rate, each with its own
 Idempotency-Key, retrying 503s with the same key; four subscribers (an exact topic
 and a pattern on each node) follow the protocol through every close. Each test
-injects one fault and checks the promises of protocol.md:
+injects one fault and checks the promises of docs/protocol.md:
 
 - Redis killed and restarted without persistence: every event accepted after Redis
   came back reaches every subscriber (live, or replayed after ``recovered: false``),

@@ -173,3 +173,20 @@ async def test_topic_list(http_client, base_url, publish, ws_connect):
     assert topics["listed.kept"] == {"topic": "listed.kept", "subscribers": 1, "last_id": last}
     assert topics["listed.live"] == {"topic": "listed.live", "subscribers": 1, "last_id": None}
     assert "listed.*" not in topics
+
+
+async def test_the_topic_list_is_computed_once_for_many_callers(http_client, base_url,
+                                                                publish, node):
+    await publish("listed.once", 1)
+    reads = []
+    original = node.broker.retained_topics
+
+    async def counted() -> list[str]:
+        reads.append(1)
+        return await original()
+
+    node.broker.retained_topics = counted
+    responses = await asyncio.gather(*(http_client.fetch(base_url + "/v1/topics")
+                                       for _ in range(20)))
+    assert len(reads) == 1
+    assert all("listed.once" in response.body.decode() for response in responses)

@@ -100,6 +100,8 @@ from server.broker.redis_publish import Batches
 from server.errors import BrokerUnavailable, SquallError
 from server.events import Event, EventId
 from server.history import Replay, merge_replay, oldest
+from server.logs import Throttle
+from server.router import Router
 from server.tasks import stop, supervise
 from server.topics import is_pattern, matches
 
@@ -114,6 +116,7 @@ _PASSING = (ClusterDownError, TryAgainError)  # what a cluster answers while it 
 # Events in one call of the publish script at most, when publishes are grouped.
 MAX_SCRIPT_EVENTS = 1000
 READ_CHUNK = 100  # streams read per round trip by a pattern's history
+LOG_EVERY = 10.0  # seconds between log lines about failing calls
 LAST_CHUNK = 500  # topics per script call of last_ids
 # Where a name whose events span id spaces stands: ``since`` it is never recovered.
 SPANNING = EventId("spanning", 0)
@@ -180,6 +183,7 @@ class RedisBroker(Broker):
         self._position_readers: dict[str, asyncio.Task[None]] = {}
         self._tasks: list[asyncio.Task[None]] = []
         self._failed_at: float | None = None  # a publish failed: not ready until Redis answers
+        self._failures = Throttle(LOG_EVERY)
         self._closed = False
         self._nodes = self.nodes_prefix + "nodes"
 
@@ -330,8 +334,8 @@ class RedisBroker(Broker):
         except _FAILURES as exc:
             self._failed_at = asyncio.get_running_loop().time()
             unexpected = isinstance(exc, ResponseError) and not isinstance(exc, _PASSING)
-            level = logging.ERROR if unexpected else logging.WARNING
-            log.log(level, "publish to redis at %s failed: %s", self._where, describe(exc))
+            self._failed(f"publish: {describe(exc)}",
+                         logging.ERROR if unexpected else logging.WARNING)
             raise BrokerUnavailable() from None
         self._failed_at = None
         if forgotten:
@@ -371,8 +375,7 @@ class RedisBroker(Broker):
                 await self._client.eval(FORGET, len(topics) + 1, space.gone,
                                         *map(space.stream, topics), *topics)
         except _FAILURES as exc:  # they expire with the history ttl
-            log.warning("deleting the history of forgotten topics failed: %s",
-                        describe(exc))
+            self._failed(f"deleting the history of forgotten topics: {describe(exc)}")
 
     # -- history ---------------------------------------------------------------------------
 
@@ -526,8 +529,7 @@ class RedisBroker(Broker):
                     async with asyncio.timeout(self.options.timeout):
                         found = (await self._read_positions([space]))[space.name]
                 except _FAILURES as exc:
-                    log.warning("position from redis at %s failed: %s", self._where,
-                                describe(exc))
+                    self._failed(f"position: {describe(exc)}")
                     _settle(waiters, BrokerUnavailable("the broker did not answer (position)"))
                     continue
                 _settle(waiters, found)
@@ -592,8 +594,16 @@ class RedisBroker(Broker):
             async with asyncio.timeout(self.options.timeout):
                 yield
         except _FAILURES as exc:
-            log.warning("%s from redis at %s failed: %s", what, self._where, describe(exc))
+            self._failed(f"{what}: {describe(exc)}")
             raise BrokerUnavailable(f"the broker did not answer ({what})") from None
+
+    def _failed(self, what: str, level: int = logging.WARNING) -> None:
+        """Log a failed call, at most one line per ``LOG_EVERY`` seconds (an outage
+        fails every call that clients keep making)."""
+        if self._failures.ready():
+            held = self._failures.take_held()
+            log.log(level, "redis at %s failed (%s)%s", self._where, what,
+                    f"; {held} more failures since the last report" if held else "")
 
     # -- subscriptions and counts -----------------------------------------------------------
 
@@ -643,14 +653,21 @@ class RedisBroker(Broker):
 
 
 def _add_counts(totals: dict[str, int], topics: Iterable[str], counts: Mapping[str, int]) -> None:
-    """Add one other node's counts: its subscribers of each topic, and its named topics."""
-    named = [name for name in counts if not is_pattern(name)]
-    for topic in {*topics, *named}:
+    """Add one other node's counts: its subscribers of each topic, and its named topics.
+
+    A topic the node named carries its own count (the node counted its pattern
+    subscribers in already); any other topic gets the sum of the node's patterns that
+    match it, found through a router of those patterns (no topics x patterns scan).
+    """
+    patterns: Router[str] = Router()
+    for name in counts:
+        if is_pattern(name):
+            patterns.add(name, name)
+    for topic in {*topics, *(name for name in counts if not is_pattern(name))}:
         if topic in counts:
-            found = counts[topic]  # the node counted its pattern subscribers in already
+            found = counts[topic]
         else:
-            found = sum(count for name, count in counts.items()
-                        if is_pattern(name) and matches(name, topic))
+            found = sum(counts[name] for name in patterns.match(topic))
         if found:
             totals[topic] = totals.get(topic, 0) + found
 

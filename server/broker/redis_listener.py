@@ -49,6 +49,7 @@ from server.broker.redis_keys import decode_event
 from server.errors import BrokerUnavailable
 from server.events import Event, EventId
 from server.history import Replay
+from server.logs import Throttle
 from server.tasks import stop
 from server.topics import matches
 
@@ -231,7 +232,7 @@ class Listener:
                                              for target, kind in targets])
             await asyncio.gather(*(ack for _, _, ack in waits))
         except _FAILURES as exc:
-            log.warning("redis subscribe to %s not confirmed: %s", name, _describe(exc))
+            log.debug("redis subscribe to %s not confirmed: %s", name, _describe(exc))
             raise BrokerUnavailable("the broker did not confirm the subscribe") from None
         finally:
             for session, target, ack in waits:
@@ -330,24 +331,21 @@ class Listener:
     async def _keep(self, session: _Session) -> None:
         """One shard's sessions, reconnecting with capped backoff."""
         delay = BACKOFF
-        failures = 0
-        quiet_until = 0.0
-        loop = asyncio.get_running_loop()
+        reports = Throttle(LOG_EVERY)
         while True:
             try:
                 await self._session(session)
             except Exception as exc:  # a bug is logged below with its traceback
                 if session.was_ready:  # a healthy session ended: start the backoff afresh
-                    delay, failures, session.was_ready = BACKOFF, 0, False
-                failures += 1
+                    delay, session.was_ready, reports = BACKOFF, False, Throttle(LOG_EVERY)
                 if not isinstance(exc, _FAILURES):
                     log.error("redis listener session failed", exc_info=exc)
-                elif loop.time() >= quiet_until:
+                elif reports.ready():
+                    held = reports.take_held()
                     where = f" from {session.shard}" if session.shard else ""
                     log.warning("redis listener lost its connection%s (%s); reconnecting "
-                                "every %.2fs at most (%d failed attempts)", where,
-                                _describe(exc), MAX_BACKOFF, failures)
-                    quiet_until = loop.time() + LOG_EVERY
+                                "every %.2fs at most%s", where, _describe(exc), MAX_BACKOFF,
+                                f" ({held} more failed attempts)" if held else "")
             self._changed.set()
             await asyncio.sleep(delay)
             delay = min(delay * 2, MAX_BACKOFF)

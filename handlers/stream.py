@@ -1,0 +1,162 @@
+"""A streaming batch: ``POST /v1/events`` with ``Content-Type: application/x-ndjson``.
+
+The body is one event per line, ``{"topic": ..., "data": ..., "idempotency_key"?: ...}``,
+of any length up to ``max_stream_bytes``. Lines are published as they arrive: the
+complete lines of each chunk the server reads go to the broker together, in order,
+and each gets one line of the answer (``application/x-ndjson``, status 202), in the
+same order: ``{"topic", "id", "ts"}``, or ``{"error": {"code", "message"}, "line": N}``
+for a line that was not published (1-based). A bad line never stops the others.
+Blank lines are skipped and get no answer.
+
+Limits: a line longer than ``max_frame_bytes`` is answered ``payload_too_large`` (the
+rest of it is skipped); an event's data larger than ``max_event_bytes`` likewise.
+Cut-offs: a client that goes away half way has every complete line it sent before
+the cut published once; a partial last line is not (at the end of a body, the last
+line needs no newline).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+from server.auth import Grant, authorize_publish
+from server.broker.base import PublishRequest
+from server.codec import dump_json, load_json, may_hold_long_integers
+from server.commands import MAX_KEY_LENGTH
+from server.errors import SquallError
+from server.hub import Hub
+from server.topics import InvalidTopic, validate_topic
+
+MEDIA_TYPES = ("application/x-ndjson", "application/ndjson", "application/jsonl")
+
+
+class LineResult:
+    """One line's answer, filled in once its group is published."""
+
+    __slots__ = ("answer", "number", "request")
+
+    def __init__(self, number: int, request: PublishRequest | None = None,
+                 answer: Any = None) -> None:
+        self.number = number
+        self.request = request
+        self.answer = answer
+
+    def fail(self, exc: SquallError) -> None:
+        self.answer = {"error": {"code": exc.code, "message": exc.message},
+                       "line": self.number}
+
+
+class NdjsonPublisher:
+    """Publishes an NDJSON body line by line; ``write`` gets the answer lines."""
+
+    def __init__(self, hub: Hub, rights: Grant, settings: Any,
+                 write: Callable[[bytes], None]) -> None:
+        self.hub = hub
+        self.rights = rights
+        self.settings = settings
+        self.write = write
+        self.lines = 0  # lines seen, blank ones included
+        self.published = 0
+        self._partial = bytearray()
+        self._skipping = False  # inside a line that went over the limit
+        self.overflowed = False
+        self._digits_checked = False
+
+    async def feed(self, chunk: bytes) -> None:
+        """Publish every line ``chunk`` completes."""
+        # one check for all the lines this chunk ends (the first one began earlier)
+        self._digits_checked = not may_hold_long_integers(bytes(self._partial) + chunk)
+        *complete, rest = chunk.split(b"\n")
+        skipped = False  # whether complete[0] ends a line that went over the limit
+        if complete:
+            complete[0] = bytes(self._partial) + complete[0]
+            skipped, self._partial, self._skipping = self._skipping, bytearray(), False
+        self._keep_partial(rest)
+        await self._publish(complete, skipped)
+
+    async def end(self) -> None:
+        """The body ended: its last line needs no newline."""
+        last, self._partial = bytes(self._partial), bytearray()
+        self._digits_checked = False
+        skipped, self._skipping = self._skipping, False
+        await self._publish([last] if last.strip() or skipped else [], skipped)
+
+    def overflow(self, limit: int) -> None:
+        """The body went over ``limit``: one error line, and nothing more is read."""
+        self.overflowed = True
+        self._partial = bytearray()
+        self.write(dump_json({"error": {"code": "payload_too_large", "message": f"the body "
+                                        f"is larger than {limit} bytes; the lines before "
+                                        "this one were answered"},
+                              "line": self.lines + 1}) + b"\n")
+
+    def _keep_partial(self, rest: bytes) -> None:
+        if self._skipping:
+            return
+        self._partial += rest
+        if len(self._partial) > self.settings.max_frame_bytes:
+            self._partial = bytearray()
+            self._skipping = True
+
+    async def _publish(self, lines: list[bytes], first_skipped: bool = False) -> None:
+        results: list[LineResult] = []
+        limit = self.settings.max_frame_bytes
+        for index, line in enumerate(lines):
+            self.lines += 1
+            if (first_skipped and index == 0) or len(line) > limit:
+                results.append(_error(self.lines, SquallError(
+                    "payload_too_large", f"the line is longer than {limit} bytes")))
+            elif line.strip():
+                results.append(self._parse(self.lines, line))
+        requests = [result.request for result in results if result.request is not None]
+        if requests:
+            await self._send(results, requests)
+        if results:
+            self.write(b"".join(dump_json(result.answer) + b"\n" for result in results))
+
+    def _parse(self, number: int, line: bytes) -> LineResult:
+        try:
+            return LineResult(number, request=self._request(line))
+        except SquallError as exc:
+            return _error(number, exc)
+
+    def _request(self, line: bytes) -> PublishRequest:
+        entry = load_json(line, self._digits_checked)
+        if not isinstance(entry, dict) or "topic" not in entry or "data" not in entry:
+            raise SquallError("invalid_body", 'each line must be {"topic": ..., "data": ...}')
+        try:
+            topic = validate_topic(entry["topic"], self.settings.max_topic_length)
+        except InvalidTopic as exc:
+            raise SquallError("invalid_topic", str(exc)) from None
+        authorize_publish(self.rights, topic)
+        key = entry.get("idempotency_key")
+        if key is not None and not (isinstance(key, str) and 0 < len(key) <= MAX_KEY_LENGTH):
+            raise SquallError("invalid_body", f"idempotency_key must be a string of 1 to "
+                              f"{MAX_KEY_LENGTH} characters")
+        encoded = dump_json(entry["data"])
+        size = len(encoded)
+        if size > self.settings.max_event_bytes:
+            raise SquallError("payload_too_large", f"data is {size} bytes; the limit is "
+                              f"{self.settings.max_event_bytes}")
+        return PublishRequest(topic, entry["data"], key, encoded)
+
+    async def _send(self, results: list[LineResult], requests: list[PublishRequest]) -> None:
+        try:
+            outcomes = iter(await self.hub.publish(requests))
+        except SquallError as exc:  # the whole group: its outcome is unknown, say so
+            for result in results:
+                if result.request is not None:
+                    result.fail(exc)
+            return
+        for result in results:
+            if result.request is not None:
+                outcome = next(outcomes)
+                result.answer = {"topic": outcome.topic, "id": outcome.id, "ts": outcome.ts}
+                self.published += 1
+
+
+def _error(number: int, exc: SquallError) -> LineResult:
+    result = LineResult(number)
+    result.fail(exc)
+    return result
