@@ -7,13 +7,16 @@ from pathlib import Path
 from typing import Any
 
 Result = dict[str, Any]
-SERVERS = ("squall", "squall-sse", "squall-tcp", "squall-base", "squall-redis", "baseline",
-           "nchan", "squall-logged", "tornado-minimal")
+SERVERS = ("squall", "squall-sse", "squall-tcp", "squall-base", "squall-redis",
+           "squall-cluster", "baseline", "nchan", "squall-logged", "tornado-minimal")
 # (server, reference) pairs compared in a ratio row of their own, above 1.00x favouring
 # the first: Squall's SSE and TCP transports against its WebSocket, the WebSocket against
-# the base commit, and the Redis broker against the memory broker
+# the base commit, the Redis broker against the memory broker, and the cluster broker
+# against the Redis broker
 OWN_RATIOS = (("squall-sse", "squall"), ("squall-tcp", "squall"), ("squall", "squall-base"),
-              ("squall-redis", "squall"))
+              ("squall-redis", "squall"), ("squall-cluster", "squall-redis"))
+# (server, reference, target ratio) of deliveries/s at the one N both were measured at
+FANOUT_TARGETS = (("squall-cluster", "squall-redis", 0.8),)
 REFERENCES = ("baseline", "nchan")
 SATURATED = 0.9  # load generator CPU (cores) above which a max-rate cell is a lower bound
 
@@ -131,6 +134,13 @@ def fanout_section(results: list[Result], sizes: Sequence[int], repeat: int) -> 
         f"† the load generator used {SATURATED:.2f} of its core or more: it may have been"
         " the limit, and the server may be faster than shown.",
     ]
+    for server, reference, wanted in FANOUT_TARGETS:
+        for n in sizes:
+            ours, theirs = deliveries(server, n), deliveries(reference, n)
+            if ours and theirs:
+                found = ours / theirs
+                lines += ["", f"Target: {server} / {reference} at N={n}: {found:.2f}x "
+                          f"(wanted {wanted:.2f}x: {'met' if found >= wanted else 'NOT met'})."]
     lines += [
         "",
         "Cost of the best run. CPU columns are cores busy (1.00 = one core); other CPU is"
@@ -264,6 +274,8 @@ def ingest_section(results: list[Result]) -> list[str]:
                                events(("tornado-minimal", "single", 0)), 1.0)])
     target_rows.append(["Redis batch / memory batch", *check(
         events(("squall-redis", "batch", 0)), events(("squall", "batch", 0)), 0.5)])
+    target_rows.append(["Redis Cluster batch / Redis batch", *check(
+        events(("squall-cluster", "batch", 0)), events(("squall-redis", "batch", 0)), 0.8)])
     for kind, label in INGEST_KINDS:
         target_rows.append([f"{label}: 100 subscribers / none", *check(
             events(("squall", kind, 100)), events(("squall", kind, 0)), 0.8)])

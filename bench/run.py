@@ -170,17 +170,25 @@ def summary(line: Result) -> str:
     return f"   {target:8} ingest {line['kind']}: {report.rate(line['events_per_s'])}"
 
 
+# Squall on the shared brokers: measured at one N (the one nearest BROKER_SIZE), against
+# the memory broker there, and left out of the idle cells (the broker holds no socket).
+BROKER_TARGETS = ("squall-redis", "squall-cluster")
+BROKER_SIZE = 1000
+
+
 def run_fanout(driver: Driver, targets: Sequence[str], interleave: bool = False) -> None:
     """Max rate (best of ``repeat``) and latency per target and N. With ``interleave``
     the targets take turns, one max-rate run each per round (latency in the last
     round), so that a busy spell of the machine falls on all of them alike."""
     plan = driver.plan
     rounds = plan.repeat if interleave else 1
+    broker_size = min(plan.sizes, key=lambda n: abs(n - BROKER_SIZE))
     for n in plan.sizes:
         print(f"== fan-out, N={n}", flush=True)
+        here = [t for t in targets if t not in BROKER_TARGETS or n == broker_size]
         for index in range(rounds):
             last = index == rounds - 1
-            for target in targets:
+            for target in here:
                 repeat = 1 if interleave else plan.repeat
                 args = ["fanout", "-n", str(n), "--repeat", str(repeat), "--run-offset",
                         str(index)]
@@ -195,7 +203,7 @@ def run_fanout(driver: Driver, targets: Sequence[str], interleave: bool = False)
 def run_idle(driver: Driver, targets: Sequence[str]) -> None:
     for n in driver.plan.idle_sizes:
         print(f"== idle connections, N={n}", flush=True)
-        for target in targets:
+        for target in (t for t in targets if t not in BROKER_TARGETS):
             driver.run_cell(target, ["idle", "-n", str(n)], timeout=120 + n / 50)
 
 
@@ -209,6 +217,7 @@ INGEST_CELLS = (
     ("tornado-minimal", ("single",), 0),
     ("nchan", ("single",), 0),
     ("squall-redis", ("batch",), 0),
+    ("squall-cluster", ("batch",), 0),
 )
 INGEST_TARGETS = ("squall-logged", "tornado-minimal")  # measured whenever squall is
 
@@ -238,6 +247,9 @@ def available_targets(requested: Sequence[str], driver: Driver) -> list[str]:
             driver.skip(target, "run.py not found")
         elif target == "squall-redis" and servers.find_redis_server() is None:
             driver.skip(target, "no redis-server (apt-get install redis-server)")
+        elif target == "squall-cluster" and servers.find_cluster_tools() is None:
+            driver.skip(target, "no redis-server and redis-cli (apt-get install "
+                        "redis-server redis-tools)")
         else:
             targets.append(target)
     return targets
@@ -297,7 +309,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--quick", action="store_true", help="smoke run: small N, short runs")
     parser.add_argument("--repeat", type=int, help="max-rate runs per cell (default 3)")
     parser.add_argument("--targets", default="squall,squall-sse,squall-tcp,squall-base,"
-                        "baseline,nchan", help="comma-separated")
+                        "squall-redis,squall-cluster,baseline,nchan", help="comma-separated")
     parser.add_argument("--sizes", type=int, nargs="+", help="subscriber counts N")
     parser.add_argument("--idle-sizes", type=int, nargs="+", help="idle connection counts")
     parser.add_argument("--duration", type=float, help="measured seconds per max-rate run")

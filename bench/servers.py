@@ -29,6 +29,7 @@ ROOT = BENCH_DIR.parent
 HOST = "127.0.0.1"
 
 sys.path.insert(0, str(ROOT))  # run as a script from bench/: the repository's modules
+from tests.cluster_nodes import LocalCluster, find_cluster_tools  # noqa: E402
 from tests.redis_binary import find_redis_server  # noqa: E402
 
 
@@ -155,6 +156,35 @@ def start_squall_redis(cpu: int | None, log_dir: Path) -> Server:
         raise
     server.pids.append(redis.pid)
     server.cleanup.append(lambda: _stop_process(redis))
+    return server
+
+
+def start_squall_cluster(cpu: int | None, log_dir: Path) -> Server:
+    """Squall with the cluster broker on a Redis Cluster of three masters (no replicas)
+    of its own, every node on the server's core, as ``squall-redis`` has its Redis.
+
+    The server's CPU and RSS are those of Squall and the three masters."""
+    tools = find_cluster_tools()
+    if tools is None:
+        raise ServerError("no redis-server and redis-cli (apt-get install redis-server "
+                          "redis-tools)")
+    cluster = LocalCluster(*tools, masters=3, replicas=0,
+                           wrap=lambda command: pinned(command, cpu))
+    try:
+        cluster.start()
+    except (RuntimeError, subprocess.SubprocessError) as exc:
+        cluster.stop()
+        raise ServerError(f"the redis cluster did not start: {exc}") from None
+    port = free_port()
+    command = [sys.executable, "run.py", "--host", HOST, "--port", str(port), "--log-level",
+               "warning", "--broker", cluster.url(), *UNLIMITED]
+    try:
+        server = _start_python("squall-cluster", command, port, cpu, log_dir)
+    except ServerError:
+        cluster.stop()
+        raise
+    server.pids.extend(node.process.pid for node in cluster.nodes if node.process)
+    server.cleanup.append(cluster.stop)
     return server
 
 
@@ -342,6 +372,7 @@ STARTERS: dict[str, Callable[[int | None, Path], Server]] = {
     "squall-tcp": lambda cpu, log_dir: start_squall(cpu, log_dir, name="squall-tcp"),
     "squall-base": start_squall_base,
     "squall-redis": start_squall_redis,
+    "squall-cluster": start_squall_cluster,
     "baseline": start_baseline,
     "nchan": start_nchan,
     "tornado-minimal": start_tornado_minimal,

@@ -24,7 +24,7 @@ from config.settings import (
 )
 
 # broker URL schemes that server/broker/base.py's create_broker serves
-BROKER_SCHEMES = ("memory", "redis", "rediss", "unix")
+BROKER_SCHEMES = ("memory", "redis", "rediss", "unix", "redis+cluster", "rediss+cluster")
 _ORIGIN = re.compile(r"[A-Za-z][A-Za-z0-9+.\-]*://[^/?#\s]+/?")
 _MODULE = re.compile(r"[A-Za-z_]\w*(\.[A-Za-z_]\w*)*")
 QUEUE_HEADROOM = 16 * KiB  # a frame's header and envelope around its event's data
@@ -90,9 +90,17 @@ def _check_broker(check: _Checker) -> None:
     problem = None
     if not found or scheme.lower() not in BROKER_SCHEMES:
         problem = "must be memory://, or a Redis URL: redis://HOST:6379/0, rediss://HOST:6379/0 " \
-                  "(TLS) or unix:///PATH/redis.sock"
+                  "(TLS) or unix:///PATH/redis.sock, or redis+cluster://HOST:7000,HOST:7001 " \
+                  "for Redis Cluster"
     elif scheme.lower() in ("redis", "rediss"):
         problem = _redis_url_problem(url)
+    elif scheme.lower().endswith("+cluster"):
+        from server.broker.redis_cluster import parse_cluster_url
+
+        try:
+            parse_cluster_url(url)
+        except ValueError as exc:
+            problem = f"is no cluster URL: {exc}"
     if problem:
         raise check.fail("broker", problem)
 

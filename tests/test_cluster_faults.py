@@ -35,7 +35,8 @@ from server.broker.base import BrokerOptions
 from server.broker.redis_cluster import RedisClusterBroker
 from server.history import Retention
 from tests.chaos import Outcome, Publisher, epoch, figures, no_tracebacks, two_nodes
-from tests.redis_cluster import LocalCluster
+from tests.cluster_nodes import LocalCluster
+from tests.redis_cluster import local_cluster
 from tests.test_broker_contract import Received
 from tests.waiting import eventually
 
@@ -52,7 +53,7 @@ def own_cluster() -> Iterator[Callable[..., LocalCluster]]:
     made: list[LocalCluster] = []
 
     def make(persistent: bool = False) -> LocalCluster:
-        cluster = LocalCluster(masters=3, replicas=2, persistent=persistent)
+        cluster = local_cluster(masters=3, replicas=2, persistent=persistent)
         made.append(cluster)
         return cluster.start()
 

@@ -21,7 +21,7 @@ from redis.crc import key_slot
 from redis.exceptions import ResponseError
 from tornado.ioloop import IOLoop
 
-from config.settings import Settings
+from config.settings import Settings, SettingsError, load_settings
 from server.broker.base import BrokerOptions, PublishRequest
 from server.broker.redis_cluster import RedisClusterBroker, first_segment, parse_cluster_url
 from server.errors import BrokerUnavailable
@@ -31,7 +31,7 @@ from tests.test_redis_broker import Gaps
 from tests.waiting import eventually
 
 if TYPE_CHECKING:
-    from tests.redis_cluster import LocalCluster
+    from tests.cluster_nodes import LocalCluster
 
 pytest_plugins = ["tests.redis_cluster"]
 pytestmark = [pytest.mark.redis, pytest.mark.cluster, pytest.mark.gen_test(timeout=60)]
@@ -99,6 +99,13 @@ def test_cluster_urls(url, seeds, credentials, tls):
 def test_cluster_urls_without_host_and_port_are_refused(url):
     with pytest.raises(ValueError, match="HOST:PORT"):
         parse_cluster_url(url)
+
+
+def test_the_broker_setting_takes_cluster_urls():
+    assert load_settings(["--broker", "redis+cluster://a:7000,b:7001"]).broker == (
+        "redis+cluster://a:7000,b:7001")
+    with pytest.raises(SettingsError, match=r"is no cluster URL: .*HOST:PORT"):
+        load_settings(["--broker", "redis+cluster://a,b"])
 
 
 async def test_every_key_of_a_topic_is_in_the_slot_of_its_first_segment(

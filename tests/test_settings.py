@@ -74,10 +74,12 @@ def test_lists_from_env_are_comma_separated():
      "setting log_format = 'xml' (from log_format in {toml}): must be one of text, json"),
     (["--broker", "http://x"], {}, "",
      "setting broker = 'http://x' (from --broker): must be memory://, or a Redis URL: "
-     "redis://HOST:6379/0, rediss://HOST:6379/0 (TLS) or unix:///PATH/redis.sock"),
+     "redis://HOST:6379/0, rediss://HOST:6379/0 (TLS) or unix:///PATH/redis.sock, or "
+     "redis+cluster://HOST:7000,HOST:7001 for Redis Cluster"),
     (["--broker", "nowhere"], {}, "",
      "setting broker = 'nowhere' (from --broker): must be memory://, or a Redis URL: "
-     "redis://HOST:6379/0, rediss://HOST:6379/0 (TLS) or unix:///PATH/redis.sock"),
+     "redis://HOST:6379/0, rediss://HOST:6379/0 (TLS) or unix:///PATH/redis.sock, or "
+     "redis+cluster://HOST:7000,HOST:7001 for Redis Cluster"),
     (["--broker", "redis://h:abc/0"], {}, "",
      "setting broker = 'redis://h:abc/0' (from --broker): has a port that is not a number "
      "from 0 to 65535; e.g. redis://HOST:6379/0"),
@@ -263,7 +265,8 @@ def test_version():
     (("--bogus",), {}, "squall: unknown flag --bogus; run.py --help lists every flag"),
     ((), {"SQUALL_BROKER": "http://x"}, "squall: setting broker = 'http://x' (from "
      "SQUALL_BROKER): must be memory://, or a Redis URL: redis://HOST:6379/0, "
-     "rediss://HOST:6379/0 (TLS) or unix:///PATH/redis.sock"),
+     "rediss://HOST:6379/0 (TLS) or unix:///PATH/redis.sock, or "
+     "redis+cluster://HOST:7000,HOST:7001 for Redis Cluster"),
     (("token",), {}, "squall: the following arguments are required: --sub; run.py token "
      "--help lists every flag"),
     (("token", "--sub", "a", "--sbuscribe", "x"), {}, "squall: unknown flag --sbuscribe "
