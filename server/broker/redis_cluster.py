@@ -92,7 +92,9 @@ def first_segment(name: str) -> str | None:
     return None if head in (SINGLE, TAIL) else head
 
 
+@functools.lru_cache(maxsize=1 << 16)
 def slot_of(segment: str) -> int:
+    """The slot of a first segment (remembered: every received event asks)."""
     return key_slot(segment.encode())
 
 

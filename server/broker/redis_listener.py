@@ -452,7 +452,8 @@ class Listener:
         if event is None:
             log.warning("ignored a malformed message on a squall channel")
             return
-        if not any(matches(name, event.topic) for name in self._users.get(target, ())):
+        users = self._users.get(target, ())
+        if event.topic not in users and not any(matches(name, event.topic) for name in users):
             return  # a glob or a shared channel is broader than the names behind it
         self._accept(event)
 
