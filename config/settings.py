@@ -33,6 +33,7 @@ GROUPS = {
     "auth": "Auth",
     "limits": "Limits",
     "history": "History and broker",
+    "presence": "Presence and topic lifecycle",
     "extensions": "Extension points",
 }
 
@@ -181,6 +182,16 @@ class Settings:
                                     group="history", minimum=0)
     dedupe_max_keys: int = _setting(100_000, "Idempotency-Keys remembered at most",
                                     group="history", minimum=0)
+    presence_topics: tuple[str, ...] = _setting(
+        (), "patterns whose subscribers get join and leave frames for the other clients "
+        "subscribing to the same name (comma-separated)", group="presence")
+    lifecycle_debounce: float = _setting(2.0, "seconds a name must stay without subscribers "
+                                         "before topic_vacated fires (a client back within "
+                                         "them fires neither signal)", group="presence",
+                                         minimum=0)
+    presence_ttl: float = _setting(30.0, "seconds after which the other nodes take the "
+                                   "clients of a node that stopped (or died) out of presence",
+                                   group="presence", minimum=0.5)
     signal_queue: int = _setting(10_000, "async signal receiver calls queued at most "
                                  "(more are dropped and counted)", group="extensions",
                                  minimum=1)

@@ -61,6 +61,23 @@ def matches(pattern: str, topic: str) -> bool:
     return len(pattern_segments) == len(topic_segments)
 
 
+def covers(granted: str, requested: str) -> bool:
+    """Whether every topic that ``requested`` matches is also matched by ``granted``.
+
+    Both are valid patterns (or topics). ``*`` in ``requested`` needs ``*`` or ``>`` in
+    ``granted``; ``>`` in ``requested`` needs ``>``.
+    """
+    have, want = granted.split("."), requested.split(".")
+    for index, segment in enumerate(have):
+        if segment == TAIL:
+            return len(want) > index
+        if index >= len(want) or want[index] == TAIL:
+            return False
+        if segment != SINGLE and (want[index] == SINGLE or want[index] != segment):
+            return False
+    return len(have) == len(want)
+
+
 def _text(name: object, max_length: int) -> str:
     if not isinstance(name, str):
         raise InvalidTopic(f"topic must be a string, not {type(name).__name__}")
