@@ -265,7 +265,8 @@ class Session:
         """Take the grant of an API key or JWT (the TCP line protocol's ``auth``)."""
         rights = self.node.auth.grant(command.token, key_allowed=True)
         self.rights = rights
-        self.connection.info = replace(self.info, sub=rights.sub)
+        self.node.hub.identify(self.connection, replace(self.info, sub=rights.sub,
+                                                        info=rights.info))
         if self._expiry is not None:
             self._expiry.cancel()
             self._expiry = None

@@ -40,6 +40,9 @@
 - Subscriber counts: every node writes its local counts to Redis every few seconds
   (a hash per node, expiring when the node stops writing); ``subscriber_counts``
   adds them up.
+- Presence, lifecycle and disconnects: redis_presence.py (scripts in
+  redis_presence_lua.py); the listener hands it the control channel's messages and
+  the presence messages on the event channels.
 """
 
 from __future__ import annotations
@@ -60,7 +63,17 @@ from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
 from redis.exceptions import RedisError, ResponseError
 
-from server.broker.base import Broker, BrokerOptions, EventHandler, Published, PublishRequest
+from server.broker.base import (
+    Broker,
+    BrokerOptions,
+    Disconnect,
+    EventHandler,
+    PresenceChange,
+    PresenceList,
+    PresenceNotice,
+    Published,
+    PublishRequest,
+)
 from server.broker.memory import new_epoch
 from server.broker.redis_keys import (
     CHANNEL,
@@ -80,6 +93,7 @@ from server.broker.redis_keys import (
 )
 from server.broker.redis_listener import Listener
 from server.broker.redis_lua import POSITION, PUBLISH
+from server.broker.redis_presence import RedisPresence
 from server.errors import BrokerUnavailable, SquallError
 from server.events import Event, EventId
 from server.history import Replay, merge_replay, oldest
@@ -124,8 +138,11 @@ class RedisBroker(Broker):
         self._position_script = self._client.register_script(POSITION)
         self._position_waiters: list[asyncio.Future[EventId]] = []
         self._position_reader: asyncio.Task[None] | None = None
+        self._presence = RedisPresence(self._client, self.node_id, options.presence,
+                                       options.timeout, self)
         self._listener = Listener(self._listen_pool, self, self._deliver, self._gap,
-                                  options.timeout)
+                                  options.timeout, on_presence=self._heard_presence,
+                                  on_control=self._presence.control)
         self._tasks: list[asyncio.Task[None]] = []
         self._failed_at: float | None = None  # a publish failed: not ready until Redis answers
         self._closed = False
@@ -141,7 +158,8 @@ class RedisBroker(Broker):
         """Start listening; waits up to ``options.timeout`` for Redis, then serves anyway."""
         await super().start(on_event)
         self._tasks = [supervise("redis-listener", self._listener.run),
-                       supervise("redis-subscriber-counts", self._report_counts)]
+                       supervise("redis-subscriber-counts", self._report_counts),
+                       supervise("redis-presence", self._presence.run)]
         with contextlib.suppress(TimeoutError):
             async with asyncio.timeout(self.options.timeout):
                 await self._listener.first_sync.wait()
@@ -153,6 +171,7 @@ class RedisBroker(Broker):
         self._closed = True
         for task in [*self._tasks, self._publisher]:
             await stop(task)
+        await self._presence.close()
         with contextlib.suppress(*_FAILURES):
             async with asyncio.timeout(min(self.options.timeout, 1.0)):
                 await self._client.delete(node_key(self.node_id))
@@ -176,6 +195,26 @@ class RedisBroker(Broker):
 
     def _gap(self, name: str) -> None:
         self.on_gap(name)
+
+    def _heard_presence(self, name: str, notices: list[PresenceNotice]) -> None:
+        self.on_presence(name, notices)
+
+    # -- presence and control (redis_presence.py) -----------------------------------------
+
+    async def update_presence(self, changes: Sequence[PresenceChange]) -> None:
+        if self._closed:
+            raise BrokerUnavailable("the broker is closed")
+        await self._presence.apply(changes)
+
+    async def presence(self, name: str, limit: int) -> PresenceList:
+        if self._closed:
+            raise BrokerUnavailable("the broker is closed")
+        return await self._presence.listing(name, limit)
+
+    async def disconnect(self, request: Disconnect) -> None:
+        if self._closed:
+            raise BrokerUnavailable("the broker is closed")
+        await self._presence.disconnect(request)
 
     # -- publishing ----------------------------------------------------------------------
 

@@ -16,6 +16,12 @@ on twice. A name whose history cannot fill the gap (trimmed, expired) is reporte
 ``on_gap``; when Redis lost its data (a new epoch), every name is, before any event
 of the new epoch is handed on, so that subscribers learn of the loss first.
 
+Besides events, two kinds of message come in: presence messages (joins and leaves,
+redis_presence.py) on the channels of events, handed to ``on_presence`` once per
+node, through the subscription of that very name; and control messages on
+``CONTROL``, which every session subscribes to whatever else it does, handed to
+``on_control``. Neither is replayed after a lost connection.
+
 Health: the connection is pinged whenever it has been quiet for ``HEALTH_INTERVAL``;
 a pong overdue by ``UNREADY_AFTER`` makes the listener unready (``/readyz`` 503)
 until Redis answers, and one overdue by the broker timeout counts as a lost
@@ -36,7 +42,9 @@ from redis.asyncio import ConnectionPool
 from redis.asyncio.client import PubSub
 from redis.exceptions import RedisError
 
+from server.broker.base import PresenceHandler
 from server.broker.redis_keys import channel, decode_event, glob
+from server.broker.redis_presence import CONTROL, MARK, decode_presence
 from server.errors import BrokerUnavailable
 from server.events import Event, EventId
 from server.history import Replay
@@ -70,12 +78,16 @@ class Listener:
     """Subscriptions, delivery, and recovery after lost connections. IOLoop only."""
 
     def __init__(self, pool: ConnectionPool, source: Source, deliver: Callable[[Event], None],
-                 on_gap: Callable[[str], None], timeout: float) -> None:
+                 on_gap: Callable[[str], None], timeout: float,
+                 on_presence: PresenceHandler | None = None,
+                 on_control: Callable[[bytes], None] | None = None) -> None:
         self._pool = pool
         self._source = source
         self._deliver = deliver
         self._on_gap = on_gap
         self._timeout = timeout
+        self._on_presence = on_presence
+        self._on_control = on_control
         self._refs: dict[str, int] = {}
         self._globs: dict[bytes, set[str]] = {}
         self._acks: dict[bytes, list[asyncio.Future[None]]] = {}
@@ -226,8 +238,7 @@ class Listener:
 
     async def _subscribe_all(self, pubsub: PubSub) -> None:
         channels = [channel(name) for name in self._refs if not is_pattern(name)]
-        if channels:
-            await pubsub.subscribe(*channels)
+        await pubsub.subscribe(CONTROL, *channels)
         if self._globs:
             await pubsub.psubscribe(*self._globs)
 
@@ -282,6 +293,8 @@ class Listener:
     def _handle(self, message: Message, backlog: Backlog | None) -> None:
         kind = message["type"]
         if kind in ("message", "pmessage"):
+            if self._other(message):
+                return
             if backlog is not None:
                 backlog.append((message["data"], message["pattern"]))
             else:
@@ -290,6 +303,33 @@ class Listener:
             for ack in self._acks.pop(message["channel"], []):
                 if not ack.done():
                     ack.set_result(None)
+
+    def _other(self, message: Message) -> bool:
+        """Hand on a control or presence message; False for an event."""
+        payload: bytes = message["data"]
+        if message["channel"] == CONTROL:
+            if self._on_control is not None:
+                self._on_control(payload)
+            return True
+        if payload[:1] != MARK:
+            return False
+        found = decode_presence(payload)
+        if found is None:
+            log.warning("ignored a malformed presence message")
+            return True
+        name, notices = found
+        pattern = message["pattern"]
+        if pattern is None:  # a topic's own channel
+            mine = not is_pattern(name) and message["channel"] == channel(name)
+        else:  # the glob of that very pattern (other globs may match its channel too)
+            mine = is_pattern(name) and pattern == glob(name) and name in self._globs.get(
+                pattern, ())
+        if mine and self._on_presence is not None:
+            try:
+                self._on_presence(name, notices)
+            except Exception:
+                log.exception("the presence handler failed for %s", name)
+        return True
 
     def _receive(self, payload: bytes, pattern: bytes | None) -> None:
         event = decode_event(payload)
