@@ -35,7 +35,7 @@ import time
 from collections import Counter, deque
 from collections.abc import Awaitable, Callable, Coroutine, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, cast
 
 from rawproto import (
     HttpClient,
@@ -72,6 +72,8 @@ PRESETS: dict[str, dict[str, str]] = {
     },
 }
 PRESETS["baseline"] = dict(PRESETS["squall"])
+PRESETS["squall-logged"] = dict(PRESETS["squall"])
+PRESETS["tornado-minimal"] = {**PRESETS["squall"], "batch_url": "", "ws_pub_url": ""}
 PRESETS["squall-redis"] = dict(PRESETS["squall"])
 PRESETS["squall-base"] = dict(PRESETS["squall"])
 PRESETS["squall-sse"] = {**PRESETS["squall"],
@@ -91,6 +93,18 @@ def batch_body(topic: str, size: int) -> bytes:
     """A batch publish body of ``size`` events."""
     entry = b'{"topic":%s,"data":%s}' % (json.dumps(topic).encode(), event_body())
     return b'{"events":[' + b",".join([entry] * size) + b"]}"
+
+
+def ndjson_body(topic: str, size: int) -> bytes:
+    """A streaming batch (``application/x-ndjson``) body of ``size`` events."""
+    line = b'{"topic":%s,"data":%s}\n' % (json.dumps(topic).encode(), event_body())
+    return line * size
+
+
+def publish_line(topic: str) -> bytes:
+    """One TCP line-protocol ``publish`` command (the same bytes are reused)."""
+    return b'{"type":"publish","topic":%s,"data":%s,"ref":1}\n' % (
+        json.dumps(topic).encode(), event_body())
 
 
 def ws_publish_frame(topic: str) -> bytes:
@@ -274,18 +288,53 @@ class HttpPublishers:
             client.close()
 
 
-class WsPublishers:
-    """WebSocket connections sending ``publish`` frames, ``window`` unanswered per connection."""
+class _Windowed:
+    """Connections that each keep ``window`` publishes unanswered: a reply sends the
+    next one. Subclasses connect, and send ``message`` on a client with ``_send``."""
 
-    def __init__(self, frame: bytes, window: int) -> None:
-        self.clients: list[WebSocketClient] = []
+    def __init__(self, message: bytes, window: int) -> None:
+        self.clients: list[Any] = []
         self.accepted = 0
         self.errors = 0
-        self._frame, self._window = frame, window
+        self._message, self._window = message, window
         self._deadline = 0.0
         self._budget = 0
         self._in_flight = 0
         self._drained = asyncio.Event()
+
+    def _send(self, client: Any, data: bytes) -> None:
+        raise NotImplementedError
+
+    def _replied(self, client: Any, reply: bytes) -> None:
+        if b'"published"' in reply:
+            self.accepted += 1
+        else:
+            self.errors += 1
+        self._in_flight -= 1
+        if self._budget > 0 and time.monotonic() < self._deadline:
+            self._budget -= 1
+            self._in_flight += 1
+            self._send(client, self._message)
+        elif self._in_flight <= 0:
+            self._drained.set()
+
+    async def run_for(self, seconds: float, limit: int = MAX_REQUESTS, grace: float = 15.0) -> None:
+        """Publish for ``seconds`` (at most ``limit`` messages), then await the replies."""
+        self._deadline = time.monotonic() + seconds
+        self._budget = limit - self._window * len(self.clients)
+        self._drained.clear()
+        for client in self.clients:
+            self._in_flight += self._window
+            self._send(client, self._message * self._window)
+        await _wait_event(self._drained, seconds + grace)
+
+    def close(self) -> None:
+        for client in self.clients:
+            client.close()
+
+
+class WsPublishers(_Windowed):
+    """WebSocket connections sending ``publish`` frames."""
 
     async def connect(self, url: Url, subprotocol: str, count: int) -> None:
         for _ in range(count):
@@ -295,33 +344,51 @@ class WsPublishers:
 
     def _reply_handler(self, client: WebSocketClient) -> Callable[[bytes, int], None]:
         def on_reply(payload: bytes, _now: int) -> None:
-            if b'"published"' in payload:
-                self.accepted += 1
-            else:
-                self.errors += 1
-            self._in_flight -= 1
-            if self._budget > 0 and time.monotonic() < self._deadline:
-                self._budget -= 1
-                self._in_flight += 1
-                client.send_frame(self._frame)
-            elif self._in_flight <= 0:
-                self._drained.set()
+            self._replied(client, payload)
 
         return on_reply
 
-    async def run_for(self, seconds: float, limit: int = MAX_REQUESTS, grace: float = 15.0) -> None:
-        """Publish for ``seconds`` (at most ``limit`` frames), then await the replies."""
-        self._deadline = time.monotonic() + seconds
-        self._budget = limit - self._window * len(self.clients)
-        self._drained.clear()
-        for client in self.clients:
-            self._in_flight += self._window
-            client.send_frame(self._frame * self._window)
-        await _wait_event(self._drained, seconds + grace)
+    def _send(self, client: Any, data: bytes) -> None:
+        client.send_frame(data)
+
+
+class _LinePublisher(asyncio.Protocol):
+    """One TCP line-protocol connection; ``on_reply`` gets each complete reply line."""
+
+    def __init__(self, on_reply: Callable[[_LinePublisher, bytes], None]) -> None:
+        self.on_reply = on_reply
+        self.transport: asyncio.Transport | None = None
+        self._buffer = b""
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = cast(asyncio.Transport, transport)
+
+    def data_received(self, data: bytes) -> None:
+        *lines, self._buffer = (self._buffer + data).split(b"\n")
+        for line in lines:
+            self.on_reply(self, line)
+
+    def send(self, data: bytes) -> None:
+        assert self.transport is not None
+        self.transport.write(data)
 
     def close(self) -> None:
-        for client in self.clients:
-            client.close()
+        if self.transport is not None:
+            self.transport.close()
+
+
+class LinePublishers(_Windowed):
+    """TCP line-protocol connections sending ``publish`` lines."""
+
+    async def connect(self, url: Url, count: int) -> None:
+        loop = asyncio.get_running_loop()
+        for _ in range(count):
+            _, client = await loop.create_connection(
+                lambda: _LinePublisher(self._replied), url.host, url.port)
+            self.clients.append(client)
+
+    def _send(self, client: Any, data: bytes) -> None:
+        client.send(data)
 
 
 async def _wait_event(event: asyncio.Event, timeout: float) -> bool:
@@ -427,6 +494,7 @@ class Bench:
     pub_url: Url
     batch_url: Url | None
     ws_pub_url: Url | None
+    tcp_url: Url | None
     subprotocol: str
     server_pids: list[int]
     publishers: int
@@ -613,20 +681,25 @@ async def idle(bench: Bench, args: argparse.Namespace) -> None:
 
 
 async def ingest(bench: Bench, args: argparse.Namespace) -> None:
-    """Events/s accepted by each publish path, with one counting subscriber."""
-    bench.subscribers = await connect_subscribers(bench, 1)
+    """Events/s accepted by each publish path, with ``--subscribers`` counting subscribers
+    on the published topic (deliveries/s is theirs together)."""
     publishers = HttpPublishers(bench.pub_url)
     await publishers.connect(bench.publishers)
-    await wait_until_registered(
-        bench.subscribers, publishers, post_request(bench.pub_url, event_body())
-    )
+    if args.subscribers:
+        bench.subscribers = await connect_subscribers(bench, args.subscribers)
+        await wait_until_registered(
+            bench.subscribers, publishers, post_request(bench.pub_url, event_body())
+        )
+    paths = {"batch": bench.batch_url, "ndjson": bench.batch_url, "ws": bench.ws_pub_url,
+             "tcp": bench.tcp_url}
     for kind in args.kind:
-        if {"batch": bench.batch_url, "ws": bench.ws_pub_url}.get(kind, bench.pub_url) is None:
-            bench.emit("ingest", kind=kind, skipped="no URL for this publish path")
+        if paths.get(kind, bench.pub_url) is None:
+            bench.emit("ingest", kind=kind, subscribers=args.subscribers,
+                       skipped="no URL for this publish path")
             continue
         await settle(bench.subscribers)
         result = await _ingest_kind(bench, publishers, kind, args)
-        bench.emit("ingest", kind=kind, **result)
+        bench.emit("ingest", kind=kind, subscribers=args.subscribers, **result)
     publishers.close()
 
 
@@ -637,16 +710,38 @@ async def _ingest_kind(
     if kind == "ws":
         assert bench.ws_pub_url is not None
         pool = WsPublishers(ws_publish_frame(bench.topic), args.window)
-        await pool.connect(bench.ws_pub_url, bench.subprotocol, bench.publishers)
+        await pool.connect(bench.ws_pub_url, bench.subprotocol, args.streams)
         result = await _ingest_window(bench, lambda: pool.accepted, pool.run_for(seconds), args)
         pool.close()
         return {**result, "batch_size": 1, "ws_errors": pool.errors}
+    if kind == "tcp":
+        assert bench.tcp_url is not None
+        lines = LinePublishers(publish_line(bench.topic), args.window)
+        await lines.connect(bench.tcp_url, args.streams)
+        result = await _ingest_window(bench, lambda: lines.accepted, lines.run_for(seconds),
+                                      args)
+        lines.close()
+        return {**result, "batch_size": 1, "line_errors": lines.errors}
     url = bench.pub_url if kind == "single" else bench.batch_url
     assert url is not None
-    per_request = 1 if kind == "single" else args.batch_size
-    body = event_body() if kind == "single" else batch_body(bench.topic, per_request)
+    per_request = {"single": 1, "ndjson": args.ndjson_lines}.get(kind, args.batch_size)
+    if kind == "single":
+        request = post_request(url, event_body())
+    elif kind == "ndjson":
+        request = post_request(url, ndjson_body(bench.topic, per_request),
+                               "application/x-ndjson")
+    else:
+        request = post_request(url, batch_body(bench.topic, per_request))
+    if kind == "ndjson":  # long requests: as many connections as the streaming paths
+        streaming = HttpPublishers(url)
+        await streaming.connect(args.streams)
+        running = streaming.run_for(request, seconds)
+        result = await _ingest_window(bench, lambda: streaming.accepted * per_request, running,
+                                      args)
+        streaming.close()
+        return {**result, "batch_size": per_request, "rejected": dict(streaming.rejected)}
     before = Counter(publishers.rejected)
-    running = publishers.run_for(post_request(url, body), seconds)
+    running = publishers.run_for(request, seconds)
     result = await _ingest_window(bench, lambda: publishers.accepted * per_request, running, args)
     return {**result, "batch_size": per_request, "rejected": dict(publishers.rejected - before)}
 
@@ -661,8 +756,13 @@ async def _ingest_window(
     await asyncio.sleep(args.duration)
     last = bench.snapshot(accepted())
     await task
-    events_per_s = (last.accepted - first.accepted) / (last.wall - first.wall)
-    return {**window(first, last), "events_per_s": round(events_per_s, 1)}
+    accepted_events = last.accepted - first.accepted
+    events_per_s = accepted_events / (last.wall - first.wall)
+    result = {**window(first, last), "events_per_s": round(events_per_s, 1)}
+    if first.server_cpu is not None and last.server_cpu is not None and accepted_events:
+        cpu = last.server_cpu - first.server_cpu
+        result["server_cpu_us_per_event"] = round(cpu / accepted_events * 1e6, 2)
+    return result
 
 
 # -- command line -------------------------------------------------------------------------
@@ -704,7 +804,14 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     idl.add_argument("--warm", type=int, default=100)
     idl.add_argument("--settle", type=float, default=2.0)
     ing = modes.add_parser("ingest", help="publish events/s with one subscriber")
-    ing.add_argument("--kind", nargs="+", choices=("single", "batch", "ws"), default=["single"])
+    ing.add_argument("--kind", nargs="+", choices=("single", "batch", "ws", "tcp", "ndjson"),
+                     default=["single"])
+    ing.add_argument("--subscribers", type=int, default=1,
+                     help="subscribers of the published topic (0: none)")
+    ing.add_argument("--streams", type=int, default=16,
+                     help="WebSocket or TCP publisher connections")
+    ing.add_argument("--ndjson-lines", type=int, default=500,
+                     help="events per streaming batch request")
     ing.add_argument("--duration", type=float, default=4.0)
     ing.add_argument("--warmup", type=float, default=1.0)
     ing.add_argument("--batch-size", type=int, default=100)
@@ -730,6 +837,7 @@ def make_bench(args: argparse.Namespace) -> Bench:
         pub_url=pub_url,
         batch_url=url("batch_url"),
         ws_pub_url=url("ws_pub_url"),
+        tcp_url=Url.parse(f"tcp://127.0.0.1:{args.tcp_port}") if args.tcp_port else None,
         subprotocol=preset["subprotocol"] if args.subprotocol is None else args.subprotocol,
         server_pids=args.server_pid,
         publishers=args.publishers,

@@ -147,6 +147,10 @@ def summary(line: Result) -> str:
     """One console line per measurement."""
     if "error" in line:
         return f"   {line['target']}: ERROR {line['error']}"
+    if line["measure"] == "ingest" and "events_per_s" in line:
+        return (f"   {line['target']:8} ingest {line['kind']}, {line['subscribers']} subscribers: "
+                f"{report.rate(line['events_per_s'])}, "
+                f"{report.number(line.get('server_cpu_us_per_event'), 2)} us/event")
     measure, target = line["measure"], line["target"]
     if measure == "fanout_max":
         return (
@@ -195,21 +199,40 @@ def run_idle(driver: Driver, targets: Sequence[str]) -> None:
             driver.run_cell(target, ["idle", "-n", str(n)], timeout=120 + n / 50)
 
 
+# Ingest cells: (target, publish paths, subscribers of the published topic). Squall's
+# paths without subscribers and with 100, against nchan's single POST, a minimal
+# Tornado handler, Squall with its access log written, and the Redis broker's batch.
+INGEST_CELLS = (
+    ("squall", ("single", "batch", "ws", "tcp", "ndjson"), 0),
+    ("squall", ("single", "batch", "ws", "tcp", "ndjson"), 100),
+    ("squall-logged", ("single",), 0),
+    ("tornado-minimal", ("single",), 0),
+    ("nchan", ("single",), 0),
+    ("squall-redis", ("batch",), 0),
+)
+INGEST_TARGETS = ("squall-logged", "tornado-minimal")  # measured whenever squall is
+
+
 def run_ingest(driver: Driver, targets: Sequence[str]) -> None:
+    """Best of ``repeat`` rounds; in each, every cell once (the targets take turns)."""
     plan = driver.plan
-    print("== publish ingest, one subscriber", flush=True)
-    for target in [t for t in targets if t not in ONE_PUBLISH_PATH]:
-        args = ["ingest", "--kind", "single", "batch", "ws"]
-        args += ["--duration", str(plan.ingest_duration), "--warmup", str(plan.warmup)]
-        args += ["--batch-size", str(plan.batch_size)]
-        driver.run_cell(target, args, timeout=60 + 3 * (plan.ingest_duration + 30))
+    wanted = set(targets) | (set(INGEST_TARGETS) if "squall" in targets else set())
+    cells = [cell for cell in INGEST_CELLS if cell[0] in wanted]
+    for index in range(plan.repeat):
+        print(f"== publish ingest, round {index + 1} of {plan.repeat}", flush=True)
+        for target, kinds, subscribers in cells:
+            args = ["ingest", "--kind", *kinds, "--subscribers", str(subscribers)]
+            args += ["--duration", str(plan.ingest_duration), "--warmup", str(plan.warmup)]
+            args += ["--batch-size", str(plan.batch_size)]
+            driver.run_cell(target, args,
+                            timeout=60 + len(kinds) * (plan.ingest_duration + 30))
 
 
 def available_targets(requested: Sequence[str], driver: Driver) -> list[str]:
     """The requested targets that can run here; the others get a note."""
     targets = []
     for target in requested:
-        if target == "nchan" and servers.nchan_module() is None:
+        if target in ("nchan",) and servers.nchan_module() is None:
             driver.skip(target, "nginx with the nchan module is not installed (see README.md)")
         elif target.startswith("squall") and not (servers.ROOT / "run.py").exists():
             driver.skip(target, "run.py not found")

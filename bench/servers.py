@@ -83,7 +83,7 @@ def pinned(command: Sequence[str], cpu: int | None) -> list[str]:
 
 
 def start_squall(cpu: int | None, log_dir: Path, flags: Sequence[str] = (),
-                 name: str = "squall", root: Path = ROOT) -> Server:
+                 name: str = "squall", root: Path = ROOT, log_level: str = "warning") -> Server:
     """Squall from ``root`` (this repository), memory broker, warning-level logs, plus
     ``flags``, with the TCP line protocol on a port of its own."""
     port, tcp_port = free_port(), free_port()
@@ -91,7 +91,7 @@ def start_squall(cpu: int | None, log_dir: Path, flags: Sequence[str] = (),
                *flags]
     if (root / "transports" / "tcp.py").exists():
         command += ["--tcp-port", str(tcp_port)]
-    command += ["--log-level", "warning"]
+    command += ["--log-level", log_level]
     server = _start_python(name, command, port, cpu, log_dir, cwd=root)
     server.tcp_port = tcp_port
     return server
@@ -173,6 +173,21 @@ def start_baseline(cpu: int | None, log_dir: Path) -> Server:
     script = str(BENCH_DIR / "baseline_server.py")
     command = [sys.executable, script, "--host", HOST, "--port", str(port)]
     return _start_python("baseline", command, port, cpu, log_dir)
+
+
+def start_tornado_minimal(cpu: int | None, log_dir: Path) -> Server:
+    """The smallest Tornado handler taking a single publish (``minimal_server.py``)."""
+    port = free_port()
+    command = [sys.executable, str(BENCH_DIR / "minimal_server.py"), "--host", HOST,
+               "--port", str(port)]
+    return _start_python("tornado-minimal", command, port, cpu, log_dir)
+
+
+def start_squall_logged(cpu: int | None, log_dir: Path) -> Server:
+    """Squall with its access log written (one line per request, at info level)."""
+    server = start_squall(cpu, log_dir, flags=["--access-log", "true"], name="squall-logged",
+                          log_level="info")
+    return server
 
 
 def _start_python(
@@ -329,4 +344,6 @@ STARTERS: dict[str, Callable[[int | None, Path], Server]] = {
     "squall-redis": start_squall_redis,
     "baseline": start_baseline,
     "nchan": start_nchan,
+    "tornado-minimal": start_tornado_minimal,
+    "squall-logged": start_squall_logged,
 }

@@ -20,14 +20,18 @@ from tornado.web import stream_request_body
 from handlers.base import ApiHandler
 from handlers.stream import MEDIA_TYPES as STREAM_TYPES
 from handlers.stream import NdjsonPublisher
-from server.auth import Forbidden, Grant, Unauthorized
+from server.auth import EVERYTHING, Forbidden, Grant, Unauthorized
 from server.broker.base import Published, PublishRequest
 from server.codec import Codec, media_codec
 from server.commands import MAX_KEY_LENGTH
 from server.errors import SquallError
+from server.node import Node
 from server.topics import InvalidTopic, validate_pattern, validate_topic
 
 _HEADROOM = 64 * 1024  # bytes read past a limit before the connection is cut
+BATCH_EXPECTED = '{"events": [{"topic": "orders.eu", "data": {"text": "hi"}}]} as JSON (or msgpack)'
+SINGLE_EXPECTED = ('the event\'s data as JSON, such as {"text": "hi"}, with Content-Type: '
+                   "application/json (or msgpack with Content-Type: application/msgpack)")
 
 
 @stream_request_body
@@ -45,10 +49,11 @@ class BodyHandler(ApiHandler):
         self._size = 0
         if self.request.method == "OPTIONS":
             return
-        self.rights = self.grant()
         if self.request.method == "POST":
-            self.node.limits.check_publish(self.rights.limit_key
-                                           or f"ip:{self.request.remote_ip}")
+            self.rights = publisher(self.node, self.request.headers.get("Authorization"),
+                                    self.request.remote_ip or "")
+        else:
+            self.rights = self.grant()
         limit = self.body_limit()
         length = self.request.headers.get("Content-Length", "")
         if _is_number(length) and int(length) > limit:
@@ -69,40 +74,26 @@ class BodyHandler(ApiHandler):
         """The body as a value, and the codec it came in."""
         if self._size > self.body_limit():
             raise _too_large(self.body_limit())
-        content_type = self.request.headers.get("Content-Type")
-        codec = media_codec(content_type)
-        if codec is None:
-            raise SquallError("unsupported_media_type", f"Content-Type {content_type!r:.80} is "
-                              "not supported; send application/json or application/msgpack")
-        raw = b"".join(self._chunks)
-        if not raw or not (codec.binary or raw.strip()):
-            raise SquallError("invalid_body", f"the body is empty; send {self.expected}")
-        try:
-            return codec.loads(raw), codec
-        except SquallError as exc:
-            raise SquallError(exc.code, f"{exc.message}; send {self.expected}") from None
+        return decode_body(self.request.headers.get("Content-Type"), b"".join(self._chunks),
+                           self.expected)
 
 
 class TopicEventsHandler(BodyHandler):
     """``/v1/topics/{topic}/events``: POST publishes the body as the event's data;
     GET lists the retained history (``since``, ``limit``)."""
 
-    expected = ('the event\'s data as JSON, such as {"text": "hi"}, with Content-Type: '
-                "application/json (or msgpack with Content-Type: application/msgpack)")
+    expected = SINGLE_EXPECTED
 
     def body_limit(self) -> int:
         return self.node.settings.max_event_bytes
 
     async def post(self, topic: str) -> None:
-        topic = _topic(topic, self.node.settings.max_topic_length)
-        _authorize(self.rights, self.rights.check_publish, topic)
-        data, _ = self.decoded_body()
-        key = self.request.headers.get("Idempotency-Key")
-        if key is not None and not 0 < len(key) <= MAX_KEY_LENGTH:
-            raise SquallError("invalid_body", "Idempotency-Key must be 1 to "
-                              f"{MAX_KEY_LENGTH} characters")
-        [published] = await self.node.hub.publish([PublishRequest(topic, data, key)])
-        self.reply(202, _outcome(published))
+        if self._size > self.body_limit():
+            raise _too_large(self.body_limit())
+        headers = self.request.headers
+        self.reply(202, await publish_one(
+            self.node, self.rights, topic, headers.get("Content-Type"),
+            headers.get("Idempotency-Key"), b"".join(self._chunks)))
 
     async def get(self, topic: str) -> None:
         try:
@@ -125,7 +116,7 @@ class BatchHandler(BodyHandler):
 
     stream: NdjsonPublisher | None = None
 
-    expected = '{"events": [{"topic": "orders.eu", "data": {"text": "hi"}}]} as JSON (or msgpack)'
+    expected = BATCH_EXPECTED
 
     def body_limit(self) -> int:
         if self._streaming():
@@ -165,18 +156,66 @@ class BatchHandler(BodyHandler):
         if self._streaming():
             await self._end_stream()
             return
-        body, codec = self.decoded_body()
-        requests = _batch(body, codec, self.node.settings)
-        for request in requests:
-            _authorize(self.rights, self.rights.check_publish, request.topic)
-        published = await self.node.hub.publish(requests)
-        self.reply(202, {"events": [_outcome(outcome) for outcome in published]})
+        if self._size > self.body_limit():
+            raise _too_large(self.body_limit())
+        self.reply(202, await publish_batch(self.node, self.rights,
+                                            self.request.headers.get("Content-Type"),
+                                            b"".join(self._chunks)))
 
     async def _end_stream(self) -> None:
         stream = self._stream()
         if not stream.overflowed:
             await stream.end()
         self.finish()
+
+
+def publisher(node: Node, authorization: str | None, ip: str) -> Grant:
+    """The grant of a publish request, counted against its publish rate; raises
+    ``unauthorized`` or ``rate_limited``."""
+    rights: Grant = node.auth.http_grant(authorization)
+    node.limits.check_publish(rights.limit_key or f"ip:{ip}")
+    return rights
+
+
+def decode_body(content_type: str | None, raw: bytes, expected: str) -> tuple[Any, Codec]:
+    """A body as a value by its Content-Type, and the codec; ``expected`` says in the
+    error what a body of this path holds."""
+    codec = media_codec(content_type)
+    if codec is None:
+        raise SquallError("unsupported_media_type", f"Content-Type {content_type!r:.80} is "
+                          "not supported; send application/json or application/msgpack")
+    if not raw or not (codec.binary or raw.strip()):
+        raise SquallError("invalid_body", f"the body is empty; send {expected}")
+    try:
+        return codec.loads(raw), codec
+    except SquallError as exc:
+        raise SquallError(exc.code, f"{exc.message}; send {expected}") from None
+
+
+async def publish_one(node: Node, rights: Grant, raw_topic: str, content_type: str | None,
+                      key: str | None, body: bytes) -> dict[str, Any]:
+    """``POST /v1/topics/{topic}/events``, after its grant: the answer's value."""
+    topic = _topic(raw_topic, node.settings.max_topic_length)
+    _authorize(rights, rights.check_publish, topic)
+    data, _ = decode_body(content_type, body, SINGLE_EXPECTED)
+    if key is not None and not 0 < len(key) <= MAX_KEY_LENGTH:
+        raise SquallError("invalid_body", "Idempotency-Key must be 1 to "
+                          f"{MAX_KEY_LENGTH} characters")
+    [published] = await node.hub.publish([PublishRequest(topic, data, key)])
+    return _outcome(published)
+
+
+async def publish_batch(node: Node, rights: Grant, content_type: str | None,
+                        body: bytes) -> dict[str, Any]:
+    """``POST /v1/events`` (not streaming), after its grant: the answer's value."""
+    value, codec = decode_body(content_type, body, BATCH_EXPECTED)
+    requests = _batch(value, codec, node.settings)
+    if rights.publish != EVERYTHING:
+        for request in requests:
+            _authorize(rights, rights.check_publish, request.topic)
+    published = await node.hub.publish(requests)
+    return {"events": [{"topic": outcome.topic, "id": outcome.id, "ts": outcome.ts}
+                       for outcome in published]}
 
 
 def _authorize(rights: Grant, check: Callable[[str], None], name: str) -> None:
@@ -198,26 +237,28 @@ def _batch(body: Any, codec: Codec, settings: Any) -> list[PublishRequest]:
     if len(entries) > settings.max_batch_events:
         raise SquallError("payload_too_large", f"a batch holds at most "
                           f"{settings.max_batch_events} events, got {len(entries)}")
-    return [_entry(index, entry, codec, settings) for index, entry in enumerate(entries)]
-
-
-def _entry(index: int, entry: Any, codec: Codec, settings: Any) -> PublishRequest:
-    where = f"events[{index}]"
-    if not isinstance(entry, dict) or "topic" not in entry or "data" not in entry:
-        raise SquallError("invalid_body", f'{where} must be {{"topic": ..., "data": ...}}')
-    try:
-        topic = validate_topic(entry["topic"], settings.max_topic_length)
-    except InvalidTopic as exc:
-        raise SquallError("invalid_topic", f"{where}: {exc}") from None
-    key = entry.get("idempotency_key")
-    if key is not None and not (isinstance(key, str) and 0 < len(key) <= MAX_KEY_LENGTH):
-        raise SquallError("invalid_body", f"{where}: idempotency_key must be a string of 1 "
-                          f"to {MAX_KEY_LENGTH} characters")
-    size = len(codec.dumps(entry["data"]))
-    if size > settings.max_event_bytes:
-        raise SquallError("payload_too_large", f"{where}: data is {size} bytes; the limit "
-                          f"is {settings.max_event_bytes}")
-    return PublishRequest(topic, entry["data"], key)
+    max_topic, max_bytes = settings.max_topic_length, settings.max_event_bytes
+    dumps, binary = codec.dumps, codec.binary
+    requests = []
+    for index, entry in enumerate(entries):
+        if not isinstance(entry, dict) or "topic" not in entry or "data" not in entry:
+            raise SquallError("invalid_body", f'events[{index}] must be {{"topic": ..., '
+                              f'"data": ...}}')
+        try:
+            topic = validate_topic(entry["topic"], max_topic)
+        except InvalidTopic as exc:
+            raise SquallError("invalid_topic", f"events[{index}]: {exc}") from None
+        key = entry.get("idempotency_key")
+        if key is not None and not (isinstance(key, str) and 0 < len(key) <= MAX_KEY_LENGTH):
+            raise SquallError("invalid_body", f"events[{index}]: idempotency_key must be a "
+                              f"string of 1 to {MAX_KEY_LENGTH} characters")
+        data = entry["data"]
+        encoded = dumps(data)
+        if len(encoded) > max_bytes:
+            raise SquallError("payload_too_large", f"events[{index}]: data is {len(encoded)} "
+                              f"bytes; the limit is {max_bytes}")
+        requests.append(PublishRequest(topic, data, key, None if binary else encoded))
+    return requests
 
 
 def _topic(raw: str, max_length: int) -> str:

@@ -21,8 +21,8 @@ from collections.abc import Callable
 from typing import Any
 
 from server.auth import Grant, authorize_publish
-from server.broker.base import PublishRequest
-from server.codec import dump_json, load_json
+from server.broker.base import Published, PublishRequest
+from server.codec import dump_json, load_json, may_hold_long_integers
 from server.commands import MAX_KEY_LENGTH
 from server.errors import SquallError
 from server.hub import Hub
@@ -61,9 +61,12 @@ class NdjsonPublisher:
         self._partial = bytearray()
         self._skipping = False  # inside a line that went over the limit
         self.overflowed = False
+        self._digits_checked = False
 
     async def feed(self, chunk: bytes) -> None:
         """Publish every line ``chunk`` completes."""
+        # one check for all the lines this chunk ends (the first one began earlier)
+        self._digits_checked = not may_hold_long_integers(bytes(self._partial) + chunk)
         *complete, rest = chunk.split(b"\n")
         skipped = False  # whether complete[0] ends a line that went over the limit
         if complete:
@@ -75,6 +78,7 @@ class NdjsonPublisher:
     async def end(self) -> None:
         """The body ended: its last line needs no newline."""
         last, self._partial = bytes(self._partial), bytearray()
+        self._digits_checked = False
         skipped, self._skipping = self._skipping, False
         await self._publish([last] if last.strip() or skipped else [], skipped)
 
@@ -109,7 +113,7 @@ class NdjsonPublisher:
         if requests:
             await self._send(results, requests)
         if results:
-            self.write(b"".join(dump_json(result.answer) + b"\n" for result in results))
+            self.write(b"".join([_answer(result.answer) for result in results]))
 
     def _parse(self, number: int, line: bytes) -> LineResult:
         try:
@@ -118,7 +122,7 @@ class NdjsonPublisher:
             return _error(number, exc)
 
     def _request(self, line: bytes) -> PublishRequest:
-        entry = load_json(line)
+        entry = load_json(line, self._digits_checked)
         if not isinstance(entry, dict) or "topic" not in entry or "data" not in entry:
             raise SquallError("invalid_body", 'each line must be {"topic": ..., "data": ...}')
         try:
@@ -130,11 +134,12 @@ class NdjsonPublisher:
         if key is not None and not (isinstance(key, str) and 0 < len(key) <= MAX_KEY_LENGTH):
             raise SquallError("invalid_body", f"idempotency_key must be a string of 1 to "
                               f"{MAX_KEY_LENGTH} characters")
-        size = len(dump_json(entry["data"]))
+        encoded = dump_json(entry["data"])
+        size = len(encoded)
         if size > self.settings.max_event_bytes:
             raise SquallError("payload_too_large", f"data is {size} bytes; the limit is "
                               f"{self.settings.max_event_bytes}")
-        return PublishRequest(topic, entry["data"], key)
+        return PublishRequest(topic, entry["data"], key, encoded)
 
     async def _send(self, results: list[LineResult], requests: list[PublishRequest]) -> None:
         try:
@@ -146,9 +151,17 @@ class NdjsonPublisher:
             return
         for result in results:
             if result.request is not None:
-                outcome = next(outcomes)
-                result.answer = {"topic": outcome.topic, "id": outcome.id, "ts": outcome.ts}
+                result.answer = next(outcomes)
                 self.published += 1
+
+
+def _answer(answer: Any) -> bytes:
+    """One answer line: a publish's outcome (as bytes: topics and ids need no escaping),
+    or an error."""
+    if isinstance(answer, Published):
+        return b'{"topic":"%s","id":"%s","ts":%d}\n' % (answer.topic.encode(),
+                                                       answer.id.encode(), answer.ts)
+    return dump_json(answer) + b"\n"
 
 
 def _error(number: int, exc: SquallError) -> LineResult:

@@ -2,12 +2,11 @@
 
 from __future__ import annotations
 
+import collections
 import logging
 import os
-from collections.abc import Callable
 from typing import Any
 
-from prometheus_client import Counter
 from tornado.web import Application, RequestHandler
 
 from handlers.base import NotFoundHandler, StaticHandler
@@ -25,31 +24,39 @@ access_log = logging.getLogger("squall.access")
 STATIC_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "static")
 
 
-def access_logger(enabled: bool, requests: Counter) -> Callable[[RequestHandler], None]:
+class AccessLog:
     """One line per HTTP request (a WebSocket or an SSE stream counts once, when it
-    opens)."""
+    opens), with credentials in the URI masked, and the count by status for metrics."""
 
-    def log_request(handler: RequestHandler) -> None:
-        status = handler.get_status()
-        requests.labels(str(status)).inc()
-        if not enabled:
+    def __init__(self, enabled: bool, requests: collections.Counter[int]) -> None:
+        self.enabled = enabled
+        self.requests = requests
+
+    def line(self, status: int, method: str, uri: str, path: str, ip: str,
+             milliseconds: float) -> None:
+        self.requests[status] += 1
+        if not self.enabled:
             return
         level = logging.INFO if status < 400 else logging.WARNING
         if status >= 500:
             level = logging.ERROR
-        request = handler.request
-        duration = 1000.0 * request.request_time()
-        uri = redacted_uri(request.uri or "")
-        access_log.log(level, "%d %s %s %.1fms", status, request.method, uri, duration,
-                       extra={"status": status, "method": request.method, "path": request.path,
-                              "ip": request.remote_ip, "duration_ms": round(duration, 2)})
+        access_log.log(level, "%d %s %s %.1fms", status, method, redacted_uri(uri),
+                       milliseconds, extra={"status": status, "method": method, "path": path,
+                                            "ip": ip, "duration_ms": round(milliseconds, 2)})
 
-    return log_request
+    def handler(self, handler: RequestHandler) -> None:
+        """Tornado's ``log_function``: the line of a request a handler answered."""
+        request = handler.request
+        self.line(handler.get_status(), request.method or "", request.uri or "",
+                  request.path, request.remote_ip or "", 1000.0 * request.request_time())
+
+
+def access_log_of(node: Node) -> AccessLog:
+    return AccessLog(node.settings.access_log, node.metrics.http_requests)
 
 
 def make_app(node: Node, **tornado_settings: Any) -> Application:
     """The HTTP, WebSocket and SSE routes of ``node``, with its limits applied."""
-    settings = node.settings
     deps = {"node": node, "auth": node.auth}
     routes: list[Any] = [
         (r"/v1/topics/([^/]+)/events", TopicEventsHandler, deps),
@@ -70,6 +77,6 @@ def make_app(node: Node, **tornado_settings: Any) -> Application:
         routes,
         default_handler_class=NotFoundHandler,
         default_handler_args=deps,
-        log_function=access_logger(settings.access_log, node.metrics.http_requests),
+        log_function=access_log_of(node).handler,
         **tornado_settings,
     )

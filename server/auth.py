@@ -104,10 +104,12 @@ class Grant:
     operator: bool = False
 
     def may_subscribe(self, pattern: str) -> bool:
-        return any(covers(granted, pattern) for granted in self.subscribe)
+        return self.subscribe == EVERYTHING or any(
+            covers(granted, pattern) for granted in self.subscribe)
 
     def may_publish(self, topic: str) -> bool:
-        return any(covers(granted, topic) for granted in self.publish)
+        return self.publish == EVERYTHING or any(
+            covers(granted, topic) for granted in self.publish)
 
     def check_subscribe(self, pattern: str) -> None:
         """Raise ``Forbidden`` unless ``pattern`` may be subscribed to (or read)."""

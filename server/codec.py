@@ -91,7 +91,12 @@ def check_value(value: Any, max_depth: int = MAX_DEPTH) -> None:
                          if isinstance(child, dict | list | tuple | float))
 
 
-def load_json(raw: bytes | str) -> Any:
+def may_hold_long_integers(raw: bytes) -> bool:
+    """Whether ``raw`` has a run of 19 digits (for checking many values' text at once)."""
+    return _LONG_RUN in raw.translate(_DIGITS_AS_ZERO)
+
+
+def load_json(raw: bytes | str, digits_checked: bool = False) -> Any:
     """Parse strict JSON (no NaN/Infinity), or raise ``invalid_body``.
 
     The value must also be one every codec can carry (finite numbers, at most
@@ -99,14 +104,15 @@ def load_json(raw: bytes | str) -> Any:
     subscriber's encoding can fail later. orjson parses (it refuses non-finite numbers
     and lone surrogates itself); a body with a run of 19 or more digits, where orjson
     would turn a too-large integer into a float, goes through the standard parser,
-    which keeps it an integer for the 64-bit check to refuse.
+    which keeps it an integer for the 64-bit check to refuse. ``digits_checked``: the
+    caller found no such run in a text that holds this one (``may_hold_long_integers``).
 
     Note orjson's own depth limit (1024 to parse, ``_ORJSON_DEPTH`` to encode) is
     above ``MAX_DEPTH``, so the depth is checked here.
     """
     if isinstance(raw, str):
         raw = raw.encode("utf-8", "surrogatepass")  # orjson refuses what this lets through
-    if _LONG_RUN in raw.translate(_DIGITS_AS_ZERO):
+    if not digits_checked and may_hold_long_integers(raw):
         return _load_json_exactly(raw)
     try:
         value = orjson.loads(raw)

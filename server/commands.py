@@ -2,14 +2,17 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-from typing import Any
+from typing import Any, NamedTuple
 
 from server.errors import SquallError
 from server.topics import InvalidTopic, validate_pattern, validate_topic
 
 MAX_REF_LENGTH = 256
 MAX_KEY_LENGTH = 256
+
+
+# Commands are named tuples: one is made per client frame, and a tuple is the cheapest
+# object to make.
 
 
 class FrameError(SquallError):
@@ -20,34 +23,29 @@ class FrameError(SquallError):
         self.ref = ref
 
 
-@dataclass(frozen=True)
-class Subscribe:
+class Subscribe(NamedTuple):
     topic: str
     since: str | None = None
     ref: Any = None
 
 
-@dataclass(frozen=True)
-class Unsubscribe:
+class Unsubscribe(NamedTuple):
     topic: str
     ref: Any = None
 
 
-@dataclass(frozen=True)
-class Publish:
+class Publish(NamedTuple):
     topic: str
     data: Any
     idempotency_key: str | None = None
     ref: Any = None
 
 
-@dataclass(frozen=True)
-class Ping:
+class Ping(NamedTuple):
     ref: Any = None
 
 
-@dataclass(frozen=True)
-class Auth:
+class Auth(NamedTuple):
     """The TCP line protocol's way in for a credential (an API key or a JWT)."""
 
     token: str

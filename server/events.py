@@ -11,7 +11,8 @@ from __future__ import annotations
 
 from typing import Any, NamedTuple
 
-from server.wire import WS_JSON, WireFormat
+from server.codec import JSON, Codec, dump_json
+from server.wire import WireFormat
 
 
 class EventId(NamedTuple):
@@ -32,22 +33,37 @@ class EventId(NamedTuple):
         return cls(epoch, int(seq))
 
 
+_PAYLOAD = b'{"type":"event","topic":"%s","id":"%s","ts":%d,"data":%s}'
+_PAYLOAD_OVERHEAD = len(_PAYLOAD) - 4 * 2  # its bytes but the four placeholders
+
+
 class Event:
     """One published event. Immutable by convention; its wire frames are built once.
 
     ``frame(wire)`` returns the bytes carrying it in a wire format (server/wire.py),
-    encoded on first use and shared by every subscriber and every replay afterwards.
+    built on first use and shared by every subscriber and every replay afterwards.
+    The formats that carry JSON share one JSON payload, made from ``data_json`` (the
+    data's JSON, when whoever published it had it already) without encoding the data
+    again.
     """
 
-    __slots__ = ("_frames", "data", "id", "seq", "topic", "ts")
+    __slots__ = ("_data_json", "_frames", "_json", "_size", "data", "id", "seq", "topic", "ts")
 
-    def __init__(self, topic: str, event_id: EventId, ts: int, data: Any) -> None:
+    def __init__(self, topic: str, event_id: str, seq: int, ts: int, data: Any,
+                 data_json: bytes | None = None) -> None:
         self.topic = topic
-        self.id = str(event_id)
-        self.seq = event_id.seq
+        self.id = event_id  # str(EventId(epoch, seq))
+        self.seq = seq
         self.ts = ts
         self.data = data
+        self._data_json = data_json
+        self._json: bytes | None = None
+        self._size = 0
         self._frames: dict[WireFormat, bytes] = {}
+
+    @classmethod
+    def of(cls, topic: str, event_id: EventId, ts: int, data: Any) -> Event:
+        return cls(topic, str(event_id), event_id.seq, ts, data)
 
     def as_dict(self) -> dict[str, Any]:
         return {"type": "event", "topic": self.topic, "id": self.id, "ts": self.ts,
@@ -59,10 +75,38 @@ class Event:
             frame = self._frames[wire] = wire.event_frame(self)
         return frame
 
+    def payload(self, codec: Codec) -> bytes:
+        """The event's message encoded by ``codec``: ``{"type": "event", "topic", "id",
+        "ts", "data"}`` (in that order)."""
+        if codec is not JSON:
+            return codec.dumps(self.as_dict())
+        payload = self._json
+        if payload is None:
+            # topics and ids hold no character JSON escapes
+            payload = self._json = _PAYLOAD % (self.topic.encode(), self.id.encode(), self.ts,
+                                               self._data())
+            self._data_json = None
+        return payload
+
+    def _data(self) -> bytes:
+        data = self._data_json
+        if data is None:
+            data = self._data_json = dump_json(self.data)
+        return data
+
     @property
     def size(self) -> int:
-        """Bytes this event costs to keep: its WebSocket JSON frame, the common form."""
-        return len(self.frame(WS_JSON))
+        """Bytes this event costs to keep: its WebSocket JSON frame, the common form
+        (worked out once, without building it)."""
+        size = self._size
+        if not size:
+            if self._json is not None:
+                length = len(self._json)
+            else:
+                length = (_PAYLOAD_OVERHEAD + len(self.topic) + len(self.id)
+                          + len(str(self.ts)) + len(self._data()))
+            size = self._size = length + (2 if length < 126 else 4 if length < 65536 else 10)
+        return size
 
     def __repr__(self) -> str:
         return f"Event({self.topic!r}, {self.id!r})"

@@ -84,6 +84,7 @@ class MemoryHistory:
         self._forgotten_upto = 0
         self._bytes = 0
         self.last_seq = 0
+        self._ttl_ms = int(retention.ttl * 1000)
 
     @property
     def bytes(self) -> int:
@@ -102,11 +103,20 @@ class MemoryHistory:
             log.trimmed_upto = self._tombstones.pop(event.topic, self._forgotten_upto)
         else:
             self._logs.move_to_end(event.topic)
-        log.events.append(event)
+        events = log.events
+        events.append(event)
         log.bytes += size
         self._bytes += size
-        self._trim(event.topic, log)
-        self._evict_topics()
+        retention = self.retention
+        while len(events) > retention.size:
+            self._bytes -= log.drop_oldest()
+        ttl_ms = self._ttl_ms
+        if ttl_ms and events and events[0].ts < event.ts - ttl_ms:  # ts: it was just made
+            self._expire_log(log, event.ts)
+        if not events:
+            self._forget(event.topic)
+        if len(self._logs) > retention.max_topics or self._bytes > retention.max_bytes:
+            self._evict_topics()
 
     def since(self, name: str, since: str | None, limit: int | None = None) -> Replay:
         """Retained events of a topic or pattern after ``since`` (or all retained).
@@ -159,22 +169,15 @@ class MemoryHistory:
                 return
             self._forget(topic)
 
-    def _expire_log(self, log: _TopicLog) -> None:
+    def _expire_log(self, log: _TopicLog, now_ms: int | None = None) -> None:
         if not self.retention.ttl:
             return
-        deadline = self._deadline()
+        deadline = self._deadline() if now_ms is None else now_ms - self._ttl_ms
         while len(log.events) > 1 and log.events[0].ts < deadline:
             self._bytes -= log.drop_oldest()
 
     def _deadline(self) -> int:
         return int((self._clock() - self.retention.ttl) * 1000)
-
-    def _trim(self, topic: str, log: _TopicLog) -> None:
-        while len(log.events) > self.retention.size:
-            self._bytes -= log.drop_oldest()
-        self._expire_log(log)
-        if not log.events:
-            self._forget(topic)
 
     def _evict_topics(self) -> None:
         while self._logs and (len(self._logs) > self.retention.max_topics

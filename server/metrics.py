@@ -3,16 +3,26 @@
 Counts that move on the fan-out path (events delivered, frames dropped) are plain
 integers kept by the hub and read at scrape time by a collector, so delivering an
 event costs no lock and no call. Latencies are histograms observed once per publish
-and once per fan-out, never per subscriber. No metric has a per-topic label.
+and once per fan-out, never per subscriber; they are ``Timing``s, plain bucket counts
+(the IOLoop is one thread: no lock is needed), exported at scrape time. HTTP requests
+are counted by status the same way. No metric has a per-topic label.
 """
 
 from __future__ import annotations
 
+import bisect
+import collections
+import itertools
 from collections.abc import Callable, Iterator
 from typing import TYPE_CHECKING
 
-from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
-from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
+from prometheus_client import CollectorRegistry, generate_latest
+from prometheus_client.core import (
+    CounterMetricFamily,
+    GaugeMetricFamily,
+    HistogramMetricFamily,
+    Metric,
+)
 from prometheus_client.registry import Collector
 
 if TYPE_CHECKING:
@@ -24,21 +34,41 @@ _LATENCY_BUCKETS = (0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 
                     0.25, 0.5, 1.0, 2.5, 5.0)
 
 
+class Timing:
+    """A latency histogram for one thread: ``observe`` is a bisect and two additions."""
+
+    def __init__(self, name: str, documentation: str,
+                 buckets: tuple[float, ...] = _LATENCY_BUCKETS) -> None:
+        self.name = name
+        self.documentation = documentation
+        self.bounds = buckets
+        self.counts = [0] * (len(buckets) + 1)  # the last one: above every bound
+        self.total = 0.0
+
+    def observe(self, seconds: float) -> None:
+        self.counts[bisect.bisect_left(self.bounds, seconds)] += 1
+        self.total += seconds
+
+    def family(self) -> HistogramMetricFamily:
+        cumulative = list(itertools.accumulate(self.counts))
+        buckets = [(repr(bound), count) for bound, count in zip(self.bounds, cumulative,
+                                                                 strict=False)]
+        buckets.append(("+Inf", cumulative[-1]))
+        return HistogramMetricFamily(self.name, self.documentation, buckets=buckets,
+                                     sum_value=self.total)
+
+
 class Metrics:
     """The node's registry and the instruments handlers observe directly."""
 
     def __init__(self) -> None:
         self.registry = CollectorRegistry(auto_describe=True)
-        self.publish_seconds = Histogram(
-            "squall_publish_duration_seconds", "Time to publish through the broker, per request",
-            buckets=_LATENCY_BUCKETS, registry=self.registry)
-        self.fanout_seconds = Histogram(
+        self.publish_seconds = Timing(
+            "squall_publish_duration_seconds", "Time to publish through the broker, per request")
+        self.fanout_seconds = Timing(
             "squall_fanout_duration_seconds", "Time to queue a run of events (consecutive "
-            "events of one topic, one loop pass) for every local subscriber",
-            buckets=_LATENCY_BUCKETS, registry=self.registry)
-        self.http_requests = Counter(
-            "squall_http_requests", "HTTP requests answered, by status code", ["status"],
-            registry=self.registry)
+            "events of one topic, one loop pass) for every local subscriber")
+        self.http_requests: collections.Counter[int] = collections.Counter()  # by status
 
     def watch(self, node: Node) -> None:
         """Export the node's own counters and gauges at every scrape."""
@@ -53,6 +83,14 @@ class _NodeCollector(Collector):
         self._node = node
 
     def collect(self) -> Iterator[Metric]:
+        metrics = self._node.metrics
+        yield metrics.publish_seconds.family()
+        yield metrics.fanout_seconds.family()
+        requests = CounterMetricFamily("squall_http_requests", "HTTP requests answered, by "
+                                       "status code", labels=["status"])
+        for status, count in sorted(metrics.http_requests.items()):
+            requests.add_metric([str(status)], count)
+        yield requests
         hub = self._node.hub
         broker = self._node.broker
         connections = list(hub.connections)

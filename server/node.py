@@ -144,10 +144,7 @@ class Node:
         if cached is not None and (not cached.done() or loop.time() < self._listing_until):
             return await asyncio.shield(cached)
         self._listing = loop.create_task(self._list_topics())
-        try:
-            return await asyncio.shield(self._listing)
-        finally:
-            self._listing_until = loop.time() + LISTING_TTL
+        return await asyncio.shield(self._listing)
 
     async def _list_topics(self) -> list[TopicEntry]:
         try:
@@ -160,6 +157,7 @@ class Node:
         except BaseException:
             self._listing = None  # a failure is not kept: the next caller tries again
             raise
+        self._listing_until = asyncio.get_running_loop().time() + LISTING_TTL
         return [TopicEntry(topic, counts.get(topic, 0), last_ids.get(topic))
                 for topic in topics]
 

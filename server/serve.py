@@ -23,8 +23,9 @@ from tornado.netutil import bind_sockets
 from tornado.web import Application
 
 from config.settings import Settings, SettingsError
+from handlers.fastpath import FastPaths
 from server import extensions
-from server.app import make_app
+from server.app import access_log_of, make_app
 from server.httpserver import Connections, SquallHTTPServer, server_metrics
 from server.logs import setup_logging
 from server.node import Node
@@ -195,8 +196,9 @@ def http_server(node: Node, app: Application | None = None) -> SquallHTTPServer:
     connection bounds and timeouts; its counters go to the node's metrics."""
     settings = node.settings
     most = connection_budget(settings.max_http_connections)
+    routes = FastPaths(app or make_app(node), node, access_log_of(node).line)
     server = SquallHTTPServer(
-        app or make_app(node), xheaders=settings.trust_proxy_headers,
+        routes, xheaders=settings.trust_proxy_headers,
         max_body_size=max(settings.max_batch_bytes, settings.max_event_bytes) + 65536,
         max_header_size=settings.max_header_bytes,
         idle_connection_timeout=settings.header_timeout, body_timeout=settings.body_timeout,

@@ -26,6 +26,7 @@ by a slow reader never keeps its keepalive answers unread.
 from __future__ import annotations
 
 import asyncio
+import collections
 import logging
 import time
 from collections.abc import Iterable
@@ -34,7 +35,8 @@ from typing import Any
 
 from server import signals
 from server.admission import CLOSE_UNAUTHORIZED, Admitted
-from server.broker.base import PublishRequest
+from server.broker.base import Published, PublishRequest
+from server.codec import JSON
 from server.commands import (
     Auth,
     Command,
@@ -63,6 +65,18 @@ CLOSE_RATE_LIMITED = 4029
 
 Message = bytes | str | dict[str, Any]
 """A client message as the adapter read it, or a frame the server made for it."""
+Parsed = Command | SquallError
+"""What a message says: a command, or why it is not one."""
+
+PUBLISH_GROUP = 256  # consecutive publish frames sent to the broker in one call at most
+
+
+_PENDING: Any = object()  # an outcome still to come from the broker
+_PUBLISHED = {"type": "published"}  # what a wire format's framing needs to know of a reply
+
+
+def _size(message: Message) -> int:
+    return len(message) if not isinstance(message, dict) else 0
 
 
 class Session:
@@ -84,7 +98,8 @@ class Session:
                                      node.settings.send_queue_bytes, admitted.info)
         self._admitted: Admitted | None = admitted
         self._expiry: asyncio.TimerHandle | None = None
-        self._inbox: list[Message] | None = None  # messages waiting; None: none running
+        # messages waiting, as (size, message, parsed); None: none running
+        self._inbox: collections.deque[tuple[int, Message, Parsed]] | None = None
         self._inbox_bytes = 0
         self._runner: asyncio.Task[None] | None = None
         self._keepalive: Keepalive | None = node.keepalive_for(wire)
@@ -169,23 +184,35 @@ class Session:
     # -- running messages -----------------------------------------------------------------
 
     def _queue(self, message: Message) -> None:
-        if not isinstance(message, dict):
-            self._inbox_bytes += len(message)
+        """Parse ``message`` (now: it waits parsed) and queue it for its turn."""
+        size = 0 if isinstance(message, dict) else len(message)
+        self._inbox_bytes += size
+        item = (size, message, self._parse_safely(message))
         if self._inbox is not None:
-            self._inbox.append(message)
+            self._inbox.append(item)
             return
-        self._inbox = [message]
+        self._inbox = collections.deque([item])
         self._runner = asyncio.get_running_loop().create_task(self._run_inbox())
 
     async def _run_inbox(self) -> None:
-        """Run the waiting messages in order, until there are none (or the client closed)."""
+        """Run the waiting messages in order, until there are none (or the client closed).
+
+        Consecutive publishes (pipelined, or read together) go to the broker in one
+        call, up to ``PUBLISH_GROUP`` of them; their replies keep their order."""
         inbox = self._inbox
         try:
             while inbox and not self.connection.closed:
-                message = inbox.pop(0)
-                if not isinstance(message, dict):
-                    self._inbox_bytes -= len(message)
-                await self._on_message(message)
+                size, message, parsed = inbox.popleft()
+                self._inbox_bytes -= size
+                if not self._groupable(parsed):
+                    await self._on_parsed(message, parsed)
+                    continue
+                group = [(size, parsed)]
+                while inbox and len(group) < PUBLISH_GROUP and self._groupable(inbox[0][2]):
+                    size, _, parsed = inbox.popleft()
+                    self._inbox_bytes -= size
+                    group.append((size, parsed))
+                await self._publish_group(group)
         except Exception:  # one choke point: a bug costs this client, never the others
             info = self.info
             log.exception("a message of client %s (%s) failed", info.id, info.ip)
@@ -195,21 +222,32 @@ class Session:
             self._inbox_bytes = 0
             self._runner = None
 
-    async def _on_message(self, message: Message) -> None:
-        ref = None
+    def _groupable(self, parsed: Parsed) -> bool:
+        return isinstance(parsed, Publish) and self.node.auth_hook is None
+
+    def _parse_safely(self, message: Message) -> Parsed:
         try:
-            command = self._parse(message)
-            ref = command.ref
-            await self._run(command, message)
-        except FrameError as exc:
-            self._bad_frame(exc, exc.ref)
+            return self._parse(message)
         except SquallError as exc:
-            if exc.code == "invalid_body":
-                self._bad_frame(exc, ref)
-            else:
-                self.connection.send(error_frame(exc, ref))
+            return exc
+
+    async def _on_parsed(self, message: Message, parsed: Parsed) -> None:
+        ref = parsed.ref if isinstance(parsed, FrameError) else None
+        try:
+            if isinstance(parsed, SquallError):
+                raise parsed
+            ref = parsed.ref
+            await self._run(parsed, message)
+        except SquallError as exc:
+            self._refused(exc, exc.ref if isinstance(exc, FrameError) else ref)
         except RecursionError:  # a value decoded, but too deep to encode again
             self._bad_frame(SquallError("invalid_body", "the value is nested too deeply"), ref)
+
+    def _refused(self, exc: SquallError, ref: Any) -> None:
+        if isinstance(exc, FrameError) or exc.code == "invalid_body":  # the frame was bad
+            self._bad_frame(exc, ref)
+        else:
+            self.connection.send(error_frame(exc, ref))
 
     def _parse(self, message: Message) -> Command:
         """The command in ``message``; any failure to decode it is ``invalid_body``."""
@@ -239,20 +277,72 @@ class Session:
                 await self.node.auth_hook.publish(self.info, self.rights, command.topic)
             else:
                 self.rights.check_publish(command.topic)
-            await self._publish(command, len(message) if not isinstance(message, dict) else 0)
+            await self._publish(command, _size(message))
         elif isinstance(command, Ping):
             connection.send(with_ref({"type": "pong"}, command.ref))
         elif isinstance(command, Auth):
             self._authenticate(command)
 
     async def _publish(self, command: Publish, size: int) -> None:
+        [published] = await self.node.hub.publish([self._request(command, size)])
+        self._published(command, published)
+
+    async def _publish_group(self, group: list[tuple[int, Parsed]]) -> None:
+        """Publish each of ``group`` (publish commands and their sizes, in order) in one
+        broker call; a refused one gets its error frame in its place among the replies."""
+        outcomes: list[Published | SquallError] = []
+        requests: list[PublishRequest] = []
+        for size, command in group:
+            assert isinstance(command, Publish)
+            try:
+                self.rights.check_publish(command.topic)
+                requests.append(self._request(command, size))
+            except SquallError as exc:
+                outcomes.append(exc)
+            else:
+                outcomes.append(_PENDING)
+        if requests:
+            try:
+                published = iter(await self.node.hub.publish(requests))
+            except SquallError as exc:
+                outcomes = [exc if outcome is _PENDING else outcome for outcome in outcomes]
+            else:
+                outcomes = [next(published) if outcome is _PENDING else outcome
+                            for outcome in outcomes]
+        replies: list[bytes] = []  # queued together, in order, until an error comes between
+        for (_, command), outcome in zip(group, outcomes, strict=True):
+            assert isinstance(command, Publish)
+            if isinstance(outcome, SquallError):
+                self._queue_replies(replies)
+                self._refused(outcome, command.ref)
+            else:
+                replies.append(self._published_frame(command, outcome))
+        self._queue_replies(replies)
+
+    def _queue_replies(self, replies: list[bytes]) -> None:
+        if replies:
+            self.connection.enqueue(b"".join(replies), len(replies))
+            replies.clear()
+
+    def _request(self, command: Publish, size: int) -> PublishRequest:
         limit = self.node.settings.max_event_bytes
         if size > limit and self._encoded_size(command.data) > limit:
             raise SquallError("payload_too_large", f"data is larger than {limit} bytes")
-        [published] = await self.node.hub.publish(
-            [PublishRequest(command.topic, command.data, command.idempotency_key)])
-        self.connection.send(with_ref({"type": "published", "topic": published.topic,
-                                       "id": published.id, "ts": published.ts}, command.ref))
+        return PublishRequest(command.topic, command.data, command.idempotency_key)
+
+    def _published(self, command: Publish, published: Published) -> None:
+        self.connection.enqueue(self._published_frame(command, published))
+
+    def _published_frame(self, command: Publish, published: Published) -> bytes:
+        """The ``published`` reply's bytes (the common JSON one formatted directly)."""
+        wire, ref = self.wire, command.ref
+        if wire.codec is JSON and (ref is None or type(ref) is int):
+            payload = b'{"type":"published","topic":"%s","id":"%s","ts":%d%s}' % (
+                published.topic.encode(), published.id.encode(), published.ts,
+                b"" if ref is None else b',"ref":%d' % ref)
+            return wire.wrap(payload, _PUBLISHED)
+        return wire.frame(with_ref({"type": "published", "topic": published.topic,
+                                    "id": published.id, "ts": published.ts}, ref))
 
     def _encoded_size(self, data: Any) -> int:
         try:

@@ -7,6 +7,7 @@ segments, last segment only). This is the NATS convention.
 
 from __future__ import annotations
 
+import functools
 import re
 
 MAX_TOPIC_LENGTH = 255
@@ -22,6 +23,21 @@ class InvalidTopic(ValueError):
 
 def validate_topic(name: object, max_length: int = MAX_TOPIC_LENGTH) -> str:
     """Return ``name`` if it is a valid concrete topic (no wildcards), else raise."""
+    if type(name) is str and (name, max_length) in _VALID_TOPICS:
+        return name  # publishers name the same few topics again and again
+    topic = _validate_topic(name, max_length)
+    if len(_VALID_TOPICS) >= _REMEMBERED:
+        _VALID_TOPICS.clear()
+    _VALID_TOPICS[(topic, max_length)] = None
+    return topic
+
+
+# Topics found valid lately, a bounded memo of a pure function (cleared when full).
+_VALID_TOPICS: dict[tuple[str, int], None] = {}
+_REMEMBERED = 4096
+
+
+def _validate_topic(name: object, max_length: int) -> str:
     topic = _text(name, max_length)
     for segment in _segments(topic):
         if segment in (SINGLE, TAIL):
@@ -61,6 +77,7 @@ def matches(pattern: str, topic: str) -> bool:
     return len(pattern_segments) == len(topic_segments)
 
 
+@functools.lru_cache(maxsize=4096)
 def covers(granted: str, requested: str) -> bool:
     """Whether every topic that ``requested`` matches is also matched by ``granted``.
 

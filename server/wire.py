@@ -67,10 +67,13 @@ class WireFormat:
 
     def event_frame(self, event: Event) -> bytes:
         """The bytes carrying ``event`` (called once per event by ``Event.frame``)."""
-        return self.frame(event.as_dict())
+        return self.wrap_event(event.payload(self.codec), event)
 
     def wrap(self, payload: bytes, message: dict[str, Any]) -> bytes:
         raise NotImplementedError
+
+    def wrap_event(self, payload: bytes, event: Event) -> bytes:
+        return self.wrap(payload, {"type": "event", "id": event.id})
 
     def __repr__(self) -> str:
         return f"WireFormat({self.name!r})"
@@ -87,6 +90,9 @@ class _WebSocket(WireFormat):
     def wrap(self, payload: bytes, message: dict[str, Any]) -> bytes:
         return ws_frame(payload, self.opcode)
 
+    def wrap_event(self, payload: bytes, event: Event) -> bytes:
+        return ws_frame(payload, self.opcode)
+
 
 class _ServerSentEvents(WireFormat):
     __slots__ = ()
@@ -97,11 +103,17 @@ class _ServerSentEvents(WireFormat):
             return b"id: %s\ndata: %s\n\n" % (str(message["id"]).encode(), payload)
         return b"event: %s\ndata: %s\n\n" % (str(kind).encode(), payload)
 
+    def wrap_event(self, payload: bytes, event: Event) -> bytes:
+        return b"id: %s\ndata: %s\n\n" % (event.id.encode(), payload)
+
 
 class _Lines(WireFormat):
     __slots__ = ()
 
     def wrap(self, payload: bytes, message: dict[str, Any]) -> bytes:
+        return payload + b"\n"
+
+    def wrap_event(self, payload: bytes, event: Event) -> bytes:
         return payload + b"\n"
 
 

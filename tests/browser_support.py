@@ -82,6 +82,24 @@ def harness_html(loading: str) -> str:
     return f"<!doctype html><meta charset=utf-8><title>harness</title>{LOADERS[loading]}"
 
 
+def harness_app(node: Any) -> Any:
+    """The node's application plus the test pages that load squall.js
+    (``/harness/classic.html``, ``/harness/module.html``), served by the node itself:
+    Chromium refuses a WebSocket to loopback from a page that did not come from it."""
+    from tornado.web import RequestHandler
+
+    from server.app import make_app
+
+    class HarnessHandler(RequestHandler):
+        def get(self, loading: str) -> None:
+            self.set_header("Content-Type", "text/html; charset=utf-8")
+            self.write(harness_html(loading))
+
+    application = make_app(node)
+    application.add_handlers(r".*", [(r"/harness/(classic|module)\.html", HarnessHandler)])
+    return application
+
+
 def missing_browser() -> str | None:
     """Why the browser tests cannot run here, or None when they can."""
     try:

@@ -77,6 +77,23 @@ def http_server(request: pytest.FixtureRequest, io_loop: IOLoop, _unused_port: A
 
 
 @pytest.fixture
+def chromium(io_loop: IOLoop) -> Iterator[Any]:
+    """A headless Chromium for the test (tests/browser_support.py); page errors fail it."""
+    from tests.browser_support import Chromium, require_browser
+
+    browser = Chromium(require_browser())
+    yield browser
+    io_loop.run_sync(browser.close)
+    assert not browser.page_errors, f"uncaught errors in the page: {browser.page_errors}"
+
+
+@pytest.fixture
+def origin(http_server: Any, http_port: int) -> str:
+    # the address the test server listens on (localhost may resolve to ::1 first)
+    return f"http://127.0.0.1:{http_port}"
+
+
+@pytest.fixture
 def ws_url(http_server: Any, http_port: int) -> str:
     return f"ws://127.0.0.1:{http_port}/v1/ws"
 

@@ -20,15 +20,13 @@ from urllib.parse import parse_qs, urlsplit
 
 import pytest
 from tornado.httpclient import HTTPResponse
-from tornado.ioloop import IOLoop
-from tornado.web import Application, RequestHandler
+from tornado.web import Application
 
 from server import signals
-from server.app import make_app
 from server.broker.base import PublishRequest
 from server.node import Node
 from server.topics import matches
-from tests.browser_support import Chromium, Tab, harness_html, require_browser
+from tests.browser_support import Chromium, Tab, harness_app
 
 pytestmark = [pytest.mark.browser, pytest.mark.gen_test(timeout=90)]
 
@@ -36,33 +34,9 @@ JWT_SECRET = "browser-tests-" + "0123456789abcdef" * 2
 Publish = Callable[..., Awaitable[HTTPResponse]]
 
 
-class HarnessHandler(RequestHandler):
-    """The test pages: squall.js loaded as a classic script or as an ES module."""
-
-    def get(self, loading: str) -> None:
-        self.set_header("Content-Type", "text/html; charset=utf-8")
-        self.write(harness_html(loading))
-
-
 @pytest.fixture
 def app(node: Node) -> Application:
-    application = make_app(node)
-    application.add_handlers(r".*", [(r"/harness/(classic|module)\.html", HarnessHandler)])
-    return application
-
-
-@pytest.fixture
-def chromium(io_loop: IOLoop) -> Iterator[Chromium]:
-    browser = Chromium(require_browser())
-    yield browser
-    io_loop.run_sync(browser.close)
-    assert not browser.page_errors, f"uncaught errors in the page: {browser.page_errors}"
-
-
-@pytest.fixture
-def origin(http_server: Any, http_port: int) -> str:
-    # the address the test server listens on (localhost may resolve to ::1 first)
-    return f"http://127.0.0.1:{http_port}"
+    return harness_app(node)
 
 
 @pytest.fixture

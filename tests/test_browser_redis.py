@@ -7,14 +7,14 @@ from typing import TYPE_CHECKING
 import pytest
 
 from config.settings import Settings
-from tests.test_browser import app, chromium, client_tab, http_publish, origin, seen
+from tests.test_browser import app, client_tab, http_publish, seen
 
 if TYPE_CHECKING:
     from tests.redis_server import RedisServer
 
 pytest_plugins = ["tests.redis_server"]
 pytestmark = [pytest.mark.browser, pytest.mark.redis, pytest.mark.gen_test(timeout=90)]
-__all__ = ["app", "chromium", "origin"]  # fixtures used here
+__all__ = ["app"]  # a fixture used here
 
 
 @pytest.fixture

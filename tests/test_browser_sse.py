@@ -6,48 +6,24 @@ which transport it uses."""
 from __future__ import annotations
 
 import json
-from collections.abc import Iterator
 from typing import Any
 from urllib.parse import parse_qs, urlsplit
 
 import pytest
-from tornado.ioloop import IOLoop
-from tornado.web import Application, RequestHandler
+from tornado.web import Application
 
-from server.app import make_app
 from server.broker.base import PublishRequest
 from server.node import Node
-from tests.browser_support import Chromium, Tab, harness_html, require_browser
+from tests.browser_support import Chromium, Tab, harness_app
 from tests.server_process import free_port
 from tests.waiting import eventually
 
 pytestmark = [pytest.mark.browser, pytest.mark.gen_test(timeout=90)]
 
 
-class HarnessHandler(RequestHandler):
-    def get(self, loading: str) -> None:
-        self.set_header("Content-Type", "text/html; charset=utf-8")
-        self.write(harness_html(loading))
-
-
 @pytest.fixture
 def app(node: Node) -> Application:
-    application = make_app(node)
-    application.add_handlers(r".*", [(r"/harness/(classic|module)\.html", HarnessHandler)])
-    return application
-
-
-@pytest.fixture
-def chromium(io_loop: IOLoop) -> Iterator[Chromium]:
-    browser = Chromium(require_browser())
-    yield browser
-    io_loop.run_sync(browser.close)
-    assert not browser.page_errors, f"uncaught errors in the page: {browser.page_errors}"
-
-
-@pytest.fixture
-def origin(http_server: Any, http_port: int) -> str:
-    return f"http://127.0.0.1:{http_port}"
+    return harness_app(node)
 
 
 async def sse_tab(chromium: Chromium, origin: str) -> tuple[Tab, list[Any]]:

@@ -11,14 +11,12 @@ from __future__ import annotations
 import asyncio
 import json
 import re
-from collections.abc import Iterator
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 import pytest
-from tornado.ioloop import IOLoop
 
-from tests.browser_support import Chromium, Tab, require_browser
+from tests.browser_support import Chromium, Tab
 from tests.markdown_blocks import ROOT, blocks
 
 if TYPE_CHECKING:
@@ -29,19 +27,6 @@ pytestmark = [pytest.mark.browser, pytest.mark.gen_test(timeout=90)]
 ARTIFACTS = Path(__file__).resolve().parent / "artifacts"
 README_ORDER = {"order": 42, "status": "paid"}
 SIZES = [(1280, 800, "desktop"), (390, 844, "phone")]
-
-
-@pytest.fixture
-def chromium(io_loop: IOLoop) -> Iterator[Chromium]:
-    browser = Chromium(require_browser())
-    yield browser
-    io_loop.run_sync(browser.close)
-    assert not browser.page_errors, f"uncaught errors in the page: {browser.page_errors}"
-
-
-@pytest.fixture
-def origin(http_server: Any, http_port: int) -> str:
-    return f"http://127.0.0.1:{http_port}"
 
 
 def readme_curl() -> str:

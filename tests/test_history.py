@@ -28,7 +28,7 @@ class Log:
 
     def publish(self, topic: str, data: object = None) -> str:
         self.seq += 1
-        event = Event(topic, EventId(EPOCH, self.seq), int(self.clock.now * 1000), data)
+        event = Event.of(topic, EventId(EPOCH, self.seq), int(self.clock.now * 1000), data)
         self.history.append(event)
         return event.id
 
@@ -163,3 +163,13 @@ def test_pattern_since_is_unrecoverable_if_any_matching_topic_lost_events():
     kept = log.publish("room.a")
     assert log.since("room.*", start) == ([], False)
     assert log.since("room.a", start) == ([kept], True)
+
+
+@pytest.mark.parametrize("data", [None, 1, "x" * 40, "y" * 200, "z" * 70_000,
+                                  {"é": ["ü", 1.5, None]}])
+def test_an_events_size_is_its_websocket_json_frame_worked_out_without_it(data):
+    from server.wire import WS_JSON
+
+    event = Event("t.a", f"{EPOCH}-9", 9, 1796130000123, data)
+    counted = event.size  # before any frame exists
+    assert counted == len(event.frame(WS_JSON)) == event.size

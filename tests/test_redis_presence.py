@@ -70,7 +70,7 @@ async def test_presence_spans_nodes_and_joins_reach_every_node_in_one_order(brok
 
 
 async def test_a_pattern_name_is_announced_once_to_each_node_that_holds_it(brokers):
-    a, heard_a = await brokers(subscribe=("room.*", "room.>", ">"))
+    _, heard_a = await brokers(subscribe=("room.*", "room.>", ">"))
     b, _ = await brokers()
     await b.update_presence([add("room.*", "p1"), add("room.>", "p2")])
     await heard_a.until(lambda: len(heard_a.notices) == 2)

@@ -44,14 +44,6 @@ def app(node: Node) -> Application:
     return application
 
 
-@pytest.fixture
-def chromium(io_loop):
-    browser = Chromium(require_browser())
-    yield browser
-    io_loop.run_sync(browser.close)
-    assert not browser.page_errors, browser.page_errors
-
-
 async def last_event_ids(requests: list[Any]) -> list[str | None]:
     """The Last-Event-ID header of each stream request the page made."""
     return [(await request.all_headers()).get("last-event-id") for request in requests]

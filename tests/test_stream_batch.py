@@ -106,3 +106,24 @@ async def test_a_client_cut_off_half_way_publishes_each_complete_line_once(
     await asyncio.sleep(0.3)  # a partial line would be published by now, if it were
     assert [event["data"] for event in await published()] == [0, 1, 2]
     assert node.hub.published == 3
+
+
+async def test_an_integer_beyond_64_bits_is_refused_even_across_chunks(http_client, base_url,
+                                                                       http_port):
+    """The long-integer check runs once per read: a number split between two reads
+    must still be seen whole."""
+    reader, writer = await asyncio.open_connection("127.0.0.1", http_port)
+    first, second = b'{"topic": "nd.big", "data": 1234567890', b'12345678901}\n'
+    body = lines({"topic": "nd.big", "data": "ok"}) + first + second
+    writer.write(b"POST /v1/events HTTP/1.1\r\nHost: x\r\nConnection: close\r\nContent-Type: "
+                 b"application/x-ndjson\r\nContent-Length: %d\r\n\r\n" % len(body)
+                 + body[:-len(second)])
+    await writer.drain()
+    await asyncio.sleep(0.1)  # the first read ends inside the number
+    writer.write(second)
+    reply = await asyncio.wait_for(reader.read(), 10)
+    writer.close()
+    got = [json.loads(line) for line in reply.partition(b"\r\n\r\n")[2].split(b"\r\n")
+           if line.startswith(b"{")]
+    assert "id" in got[0]
+    assert got[1]["error"]["code"] == "invalid_body" and got[1]["line"] == 2

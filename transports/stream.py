@@ -27,10 +27,16 @@ import asyncio
 import contextlib
 import logging
 import socket
-from typing import Protocol
+from collections.abc import Iterable
+from typing import Any, Protocol
 
 from tornado.iostream import IOStream, SSLIOStream, StreamClosedError
 from tornado.web import RequestHandler
+
+from server.admission import Refused, Request, admit
+from server.node import Node
+from server.session import Session
+from server.wire import WireFormat
 
 log = logging.getLogger("squall.transport")
 
@@ -173,3 +179,24 @@ class StreamTransport:
         sink, self.sink = self.sink, None
         if sink is not None:
             sink.closed(self.end_code, self.end_reason)
+
+
+async def open_session(node: Node, transport: StreamTransport, wire: WireFormat,
+                       client: Request, commands: Iterable[dict[str, Any]] = ()) -> None:
+    """Admit ``client`` and start its session on ``transport``, running ``commands``
+    first; a refused client is closed with the refusal's code."""
+    try:
+        admitted = await admit(node, client)
+    except Refused as refused:
+        log.debug("refusing a %s client from %s with %d: %s", wire.name, client.ip,
+                  refused.close_code, refused.message)
+        transport.close(refused.close_code, refused.message)
+        transport.read()  # for the client's own close
+        return
+    if transport.closing:  # gone while the authorization webhook was asked
+        admitted.release()
+        return
+    session = Session(node, transport, wire, admitted)
+    transport.sink = session
+    transport.read()
+    session.start(commands)

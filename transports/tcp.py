@@ -24,11 +24,10 @@ from tornado.netutil import bind_sockets
 from tornado.tcpserver import TCPServer
 
 from config.settings import Settings
-from server.admission import Refused, Request, admit
+from server.admission import Request
 from server.node import Node
-from server.session import Session
 from server.wire import LINES
-from transports.stream import StreamTransport
+from transports.stream import StreamTransport, open_session
 
 log = logging.getLogger("squall.tcp")
 
@@ -54,20 +53,18 @@ class LineTransport(StreamTransport):
             self.read()
             return
         buffer = self._buffer + data if self._buffer else data
-        start = 0
-        while not self.closing:
-            end = buffer.find(b"\n", start)
-            if end < 0:
-                break
-            if end - start > self.max_line:
+        *lines, rest = buffer.split(b"\n")
+        received, limit = self.sink.received, self.max_line
+        for raw in lines:
+            if len(raw) > limit:
                 self._too_long()
                 break
-            line = buffer[start:end].rstrip(b"\r")
-            start = end + 1
-            if line.strip():
-                self.sink.received(line)
-        rest = buffer[start:]
-        if not self.closing and len(rest) > self.max_line:
+            line = raw[:-1] if raw.endswith(b"\r") else raw
+            if line and not line.isspace():
+                received(line)
+            if self.closing:
+                break
+        if not self.closing and len(rest) > limit:
             self._too_long()
         self._buffer = b"" if self.closing else rest
         self.read()
@@ -87,21 +84,7 @@ class LineServer(TCPServer):
         node = self.node
         transport = LineTransport(stream, node.settings.max_frame_bytes)
         ip = address[0] if isinstance(address, tuple) else ""
-        try:
-            admitted = await admit(node, Request(ip=ip))
-        except Refused as refused:
-            log.debug("refusing a TCP client from %s with %d: %s", ip, refused.close_code,
-                      refused.message)
-            transport.close(refused.close_code, refused.message)
-            transport.read()
-            return
-        if transport.closing:  # gone while the authorization webhook was asked
-            admitted.release()
-            return
-        session = Session(node, transport, LINES, admitted)
-        transport.sink = session
-        transport.read()
-        session.start()
+        await open_session(node, transport, LINES, Request(ip=ip))
 
 
 def bind_tcp(settings: Settings) -> list[socket.socket]:

@@ -35,11 +35,10 @@ from urllib.parse import urlsplit
 from tornado.iostream import IOStream
 
 from handlers.base import ApiHandler
-from server.admission import Admitted, Refused, Request, admit
+from server.admission import Request
 from server.auth import Auth
 from server.errors import SquallError
 from server.node import Node
-from server.session import Session
 from server.wire import (
     BY_SUBPROTOCOL,
     OPCODE_BINARY,
@@ -51,7 +50,7 @@ from server.wire import (
     WireFormat,
     ws_frame,
 )
-from transports.stream import READ_CHUNK, StreamTransport, take_stream
+from transports.stream import READ_CHUNK, StreamTransport, open_session, take_stream
 
 log = logging.getLogger("squall.ws")
 
@@ -383,7 +382,8 @@ class WebSocketHandler(ApiHandler):
             transport.sink = self.sink_factory(transport, wire)
             transport.read()
             return
-        await _open_session(self.node, transport, wire, client, topics)
+        await open_session(self.node, transport, wire, client,
+                           ({"type": "subscribe", "topic": topic} for topic in topics))
 
     def _wire_format(self) -> tuple[WireFormat, str | None]:
         """The first offered subprotocol this server speaks (JSON when none is)."""
@@ -394,23 +394,6 @@ class WebSocketHandler(ApiHandler):
         return WS_JSON, None
 
 
-async def _open_session(node: Node, transport: WebSocketTransport, wire: WireFormat,
-                        client: Request, topics: list[str]) -> None:
-    try:
-        admitted: Admitted = await admit(node, client)
-    except Refused as refused:
-        log.debug("refusing a WebSocket from %s with %d: %s", client.ip, refused.close_code,
-                  refused.message)
-        transport.close(refused.close_code, refused.message)
-        transport.read()  # for the client's close frame
-        return
-    if transport.closing:  # gone while the authorization webhook was asked
-        admitted.release()
-        return
-    session = Session(node, transport, wire, admitted)
-    transport.sink = session
-    transport.read()
-    session.start({"type": "subscribe", "topic": topic} for topic in topics)
 
 
 def _tokens(value: str) -> list[str]:

@@ -33,11 +33,14 @@ LostHandler = Callable[[list[str]], None]
 
 
 class PublishRequest(NamedTuple):
-    """One event to publish; ``idempotency_key`` makes a retry safe."""
+    """One event to publish; ``idempotency_key`` makes a retry safe. ``data_json`` is
+    the data's JSON when the publisher encoded it already (to measure it, say), so
+    that nobody encodes it again."""
 
     topic: str
     data: Any
     idempotency_key: str | None = None
+    data_json: bytes | None = None
 
 
 class Published(NamedTuple):

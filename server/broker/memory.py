@@ -71,7 +71,8 @@ class MemoryBroker(Broker):
     async def publish(self, requests: Sequence[PublishRequest]) -> list[Published]:
         if self._closed:
             raise BrokerUnavailable("the broker is closed")
-        return [self._publish_one(request) for request in requests]
+        ts = int(time.time() * 1000)  # one batch, one time
+        return [self._publish_one(request, ts) for request in requests]
 
     async def history(self, name: str, since: str | None, limit: int | None = None) -> Replay:
         return self._history.since(name, since, limit)
@@ -106,15 +107,15 @@ class MemoryBroker(Broker):
             raise BrokerUnavailable("the broker is closed")
         self.on_disconnect(request)
 
-    def _publish_one(self, request: PublishRequest) -> Published:
+    def _publish_one(self, request: PublishRequest, ts: int) -> Published:
         key = request.idempotency_key
         if key is not None:
             first = self._dedupe.recall(request.topic, key)
             if first is not None:
                 return first._replace(duplicate=True)
-        self._seq += 1
-        event = Event(request.topic, EventId(self.epoch, self._seq), int(time.time() * 1000),
-                      request.data)
+        self._seq = seq = self._seq + 1
+        event = Event(request.topic, f"{self.epoch}-{seq}", seq, ts, request.data,
+                      request.data_json)
         self._history.append(event)
         self._on_event(event)
         published = Published(event.topic, event.id, event.ts)

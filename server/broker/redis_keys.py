@@ -94,7 +94,7 @@ def decode_event(payload: bytes) -> Event | None:
     event_id = EventId.parse(text)
     if not isinstance(topic, str) or event_id is None or not isinstance(ts, int):
         return None
-    return Event(topic, event_id, ts, data)
+    return Event(topic, text, event_id.seq, ts, data)
 
 
 def decode_entry(fields: dict[bytes, bytes]) -> StreamEntry | None:
