@@ -94,20 +94,20 @@ class _Held(Protocol):
     @property
     def size(self) -> int: ...
 
-    def frame(self, wire: WireFormat) -> bytes: ...
+    def frame(self, wire: WireFormat) -> bytes | memoryview: ...
 
 
 class _HeldFrames(NamedTuple):
     """Presence frames of one subscriber, kept back with its events."""
 
-    chunk: bytes
+    chunk: bytes | memoryview
     id: str = ""  # never an event id: never taken for a replayed event
 
     @property
     def size(self) -> int:
         return len(self.chunk)
 
-    def frame(self, wire: WireFormat) -> bytes:
+    def frame(self, wire: WireFormat) -> bytes | memoryview:
         return self.chunk
 
 

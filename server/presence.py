@@ -209,7 +209,7 @@ class Frames(NamedTuple):
     """What one subscriber gets of a presence message: joined frames, and how many."""
 
     connection: Connection
-    chunk: bytes
+    chunk: bytes | memoryview
     frame_count: int
 
 
@@ -224,15 +224,17 @@ class PresenceFrames:
                       if kind == "join"}
         self._encoded: dict[WireFormat, tuple[bytes, list[int]]] = {}
 
-    def cut(self, wire: WireFormat, own: int | None, after_own: bool) -> tuple[bytes, int]:
+    def cut(self, wire: WireFormat, own: int | None, after_own: bool,
+            ) -> tuple[bytes | memoryview, int]:
         """The frames in ``wire``: all of them, or without the one at ``own``, or (with
-        ``after_own``) only those after it."""
+        ``after_own``) only those after it, as a view of the shared bytes (in a storm
+        of joins each joiner gets the rest of one batch: one buffer, not one each)."""
         data, starts = self._encode(wire)
         count = len(self.messages)
         if own is None:
             return data, count
         if after_own:
-            return data[starts[own + 1]:], count - own - 1
+            return memoryview(data)[starts[own + 1]:], count - own - 1
         return data[:starts[own]] + data[starts[own + 1]:], count - 1
 
     def _encode(self, wire: WireFormat) -> tuple[bytes, list[int]]:
