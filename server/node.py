@@ -19,7 +19,7 @@ from server.history import Retention
 from server.hub import Hub
 from server.keepalive import Keepalive
 from server.metrics import Metrics, MetricSource
-from server.presence import Presence, PresenceWriter
+from server.presence import Presence, PresenceWriter, presence_metrics
 from server.ratelimit import Limits
 from server.topics import is_pattern
 from server.wire import WireFormat
@@ -72,6 +72,7 @@ class Node:
         self.auth_hook = extensions.auth_hook(settings, self.name)
         self.metric_sources.append(
             lambda: extensions.extension_metrics(self.webhooks, self.auth_hook))
+        self.metric_sources.append(lambda: presence_metrics(self.presence))
         self.broker.on_gap = self._on_gap
         self.broker.local_counts = self._count_local
         self.broker.on_presence = self.hub.deliver_presence

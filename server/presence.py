@@ -30,6 +30,8 @@ import logging
 from collections.abc import Collection, Iterator
 from typing import Any, NamedTuple
 
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
+
 from server.broker.base import Broker, PresenceChange, PresenceNotice, PresenceOptions
 from server.codec import dump_json
 from server.connection import Connection
@@ -196,6 +198,16 @@ class PresenceWriter:
             else:
                 waiting.append((seq, waiter))
         self._waiters = waiting
+
+
+def presence_metrics(writer: PresenceWriter) -> Iterator[Metric]:
+    """The writer's counters: broker calls made, those that failed, changes waiting."""
+    yield CounterMetricFamily("squall_presence_writes", "Presence batches sent to the broker",
+                              value=writer.batches)
+    yield CounterMetricFamily("squall_presence_write_failures", "Presence batches the broker "
+                              "did not confirm (sent again)", value=writer.failures)
+    yield GaugeMetricFamily("squall_presence_pending", "Presence changes waiting for the "
+                            "broker", value=len(writer))
 
 
 def _changes(name: str, client: str, pending: _Pending) -> Iterator[PresenceChange]:

@@ -366,3 +366,14 @@ async def test_info_of_up_to_1_kib_travels_larger_is_refused(open_client, transp
         status, body = await call(http_client, base_url, "POST", "/v1/topics/room.i/events",
                                   {"x": 1}, credential=too_big)
         assert status == 401 and problem in body["error"]["message"]
+
+
+async def test_presence_writes_are_counted_in_the_metrics(ws_connect, http_client, base_url):
+    client = await ws_connect(query="topic=counted")
+    await subscribed(client)
+    metrics = (await http_client.fetch(f"{base_url}/metrics")).body.decode()
+    values = {line.split()[0]: float(line.split()[1]) for line in metrics.splitlines()
+              if line.startswith("squall_presence_")}
+    assert values["squall_presence_writes_total"] >= 1
+    assert values["squall_presence_write_failures_total"] == 0
+    assert values["squall_presence_pending"] == 0

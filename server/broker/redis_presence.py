@@ -141,6 +141,7 @@ class RedisPresence:
         self._list = client.register_script(LIST)
         self._contact_since: float | None = None
         self._checks: set[asyncio.Task[None]] = set()
+        self._timers: dict[str, asyncio.TimerHandle] = {}  # name -> its debounce check
         self._failures = Throttle(LOG_EVERY)
         self.reaped = 0  # dead nodes this one cleaned up after
 
@@ -187,6 +188,9 @@ class RedisPresence:
 
     async def close(self) -> None:
         """Stop the timers and leave the heartbeats (the node removed its entries)."""
+        for timer in self._timers.values():
+            timer.cancel()
+        self._timers.clear()
         for task in list(self._checks):
             task.cancel()
         try:
@@ -282,9 +286,15 @@ class RedisPresence:
                 self._listeners.on_lifecycle(name, _DECISIONS[decision])
 
     def _check_later(self, name: str, delay: float) -> None:
-        asyncio.get_running_loop().call_later(delay + 0.005, self._check_now, name)
+        """Finish ``name``'s debounce once it ended (one timer per name at most)."""
+        old = self._timers.pop(name, None)
+        if old is not None:
+            old.cancel()
+        loop = asyncio.get_running_loop()
+        self._timers[name] = loop.call_later(delay + 0.005, self._check_now, name)
 
     def _check_now(self, name: str) -> None:
+        self._timers.pop(name, None)
         task = asyncio.get_running_loop().create_task(self._vacate([name]))
         self._checks.add(task)
         task.add_done_callback(self._checked)
