@@ -146,6 +146,12 @@ class Http:
     def count(self, topic: str) -> int:
         return int(self.get(f"/v1/topics/{topic}/presence")[1]["count"])
 
+    def metric(self, name: str) -> float:
+        self.connection.request("GET", "/metrics")
+        text = self.connection.getresponse().read().decode()
+        return next(float(line.split()[1]) for line in text.splitlines()
+                    if line.startswith(name + " "))
+
 
 async def until(check: Callable[[], bool], what: str, timeout: float = WAIT) -> None:
     deadline = time.monotonic() + timeout
@@ -197,7 +203,8 @@ async def measure_query(nodes: Sequence[Server], admin: redis.Redis, members: in
                    "truncated": answer["truncated"],
                    "entry_json_bytes": len(json.dumps(answer["clients"][0],
                                                       separators=(",", ":")))},
-        "query_ms": {"p50": ms(statistics.median(took)), "p99": ms(percentile(took, 0.99))},
+        "query_ms": {"p50": ms(statistics.median(took)), "p90": ms(percentile(took, 0.9)),
+                     "p99": ms(percentile(took, 0.99)), "first": ms(took[0])},
         "healthz_ms": {"p50": ms(statistics.median(floor))},
         "script_alone_ms": {"p50": ms(statistics.median(alone))},
         "redis_bytes_per_member": round((present - after) / len(clients), 1),
@@ -272,6 +279,7 @@ async def measure_storm(node: Server, admin: redis.Redis, count: int, topic: str
     pid = node.pids[0]
     peak_rss_reset(pid)
     resting = rss(pid, "VmRSS")
+    writes = http.metric("squall_presence_writes_total")
     admin.config_resetstat()
     frames[0] = 0
     started = time.perf_counter()
@@ -282,6 +290,7 @@ async def measure_storm(node: Server, admin: redis.Redis, count: int, topic: str
     await until(lambda: http.count(topic) == count, "the members present again")
     present = time.perf_counter() - started
     calls = command_calls(admin)
+    writes = http.metric("squall_presence_writes_total") - writes
     peak = rss(pid, "VmHWM")
     await close_members(again)
     await until(lambda: http.count(topic) == 0, "the members gone")
@@ -292,6 +301,7 @@ async def measure_storm(node: Server, admin: redis.Redis, count: int, topic: str
             "all_subscribed_s": round(subscribed, 2),
             "presence_back_s": round(present, 2), "rss_before_mb": round(resting / 2**20, 1),
             "peak_rss_mb": round(peak / 2**20, 1), "script_calls": scripts,
+            "presence_batches": int(writes),
             "commands_in_scripts": sum(inner.values()), "frames_received": frames[0],
             "commands": dict(sorted(inner.items(), key=lambda item: -item[1])[:12])}
 
