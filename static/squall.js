@@ -30,7 +30,7 @@
 
   var PROTOCOL = "squall.v1.json";
   var CLOSE_UNAUTHORIZED = 4001;
-  // Close codes after which reconnecting cannot help (protocol.md, Close codes).
+  // Close codes after which reconnecting cannot help (docs/protocol.md, Close codes).
   // 4010: disconnected by the backend (POST /v1/disconnect).
   var TERMINAL_CODES = [1000, 1009, 4000, 4003, 4010];
   var RECENT_IDS = 1000;
