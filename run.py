@@ -47,6 +47,9 @@ def token_parser() -> Parser:
                         help="topic patterns it may subscribe to (comma-separated, repeatable)")
     parser.add_argument("--publish", action="append", default=[], metavar="PATTERNS",
                         help="topic patterns it may publish to (comma-separated, repeatable)")
+    parser.add_argument("--info", metavar="JSON",
+                        help='an object the token carries into presence, join and leave '
+                        'frames and webhooks (squall.info), e.g. \'{"name": "Alice"}\'')
     parser.add_argument("--ttl", type=float, default=3600.0, metavar="SECONDS",
                         help="seconds until it expires (default: 3600)")
     parser.add_argument("--jwt-secret", metavar="TEXT", help="the HS256 secret")
@@ -60,7 +63,8 @@ def token_command(argv: list[str]) -> int:
     from server.auth import issue_token
 
     print(issue_token(_secret(options), options.sub, _patterns("--subscribe", options.subscribe),
-                      _patterns("--publish", options.publish), _ttl(options.ttl)))
+                      _patterns("--publish", options.publish), _ttl(options.ttl),
+                      info=_info(options.info)))
     return 0
 
 
@@ -79,6 +83,25 @@ def _ttl(ttl: float) -> float:
     if not ttl > 0:
         raise SettingsError(f"--ttl must be a positive number of seconds, not {ttl:g}")
     return ttl
+
+
+def _info(text: str | None) -> dict[str, object] | None:
+    import json
+
+    from server.auth import MAX_INFO_BYTES
+
+    if text is None:
+        return None
+    problem = SettingsError("--info must be a JSON object, such as '{\"name\": \"Alice\"}'")
+    try:
+        info = json.loads(text)
+    except ValueError:
+        raise problem from None
+    if not isinstance(info, dict):
+        raise problem
+    if len(json.dumps(info, separators=(",", ":")).encode()) > MAX_INFO_BYTES:
+        raise SettingsError(f"--info must be at most {MAX_INFO_BYTES} bytes as JSON")
+    return info
 
 
 def _patterns(flag: str, given: list[str]) -> list[str]:

@@ -33,6 +33,7 @@ GROUPS = {
     "auth": "Auth",
     "limits": "Limits",
     "history": "History and broker",
+    "presence": "Presence and topic lifecycle",
     "extensions": "Extension points",
 }
 
@@ -185,6 +186,16 @@ class Settings:
     redis_wait_replicas: int = _setting(0, "Redis replicas that must acknowledge a publish "
                                         "(WAIT) before it is answered 202; 0: the master's "
                                         "word is enough", group="history", minimum=0)
+    presence_topics: tuple[str, ...] = _setting(
+        (), "patterns whose subscribers get join and leave frames for the other clients "
+        "subscribing to the same name (comma-separated)", group="presence")
+    lifecycle_debounce: float = _setting(2.0, "seconds a name must stay without subscribers "
+                                         "before topic_vacated fires (a client back within "
+                                         "them fires neither signal)", group="presence",
+                                         minimum=0)
+    presence_ttl: float = _setting(30.0, "seconds after which the other nodes take the "
+                                   "clients of a node that stopped (or died) out of presence",
+                                   group="presence", minimum=0.5)
     signal_queue: int = _setting(10_000, "async signal receiver calls queued at most "
                                  "(more are dropped and counted)", group="extensions",
                                  minimum=1)

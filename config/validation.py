@@ -118,15 +118,16 @@ def _redis_url_problem(url: str) -> str | None:
 
 
 def _check_auth(check: _Checker) -> None:
-    """Public patterns, origins and the public key file, each named when bad."""
+    """Public and presence patterns, origins and the public key file, each named when bad."""
     from server.topics import InvalidTopic, validate_pattern
 
     settings = check.settings
-    for pattern in settings.public_topics:
-        try:
-            validate_pattern(pattern)
-        except InvalidTopic as exc:
-            raise check.fail("public_topics", f"must hold topic patterns: {exc}") from None
+    for name in ("public_topics", "presence_topics"):
+        for pattern in getattr(settings, name):
+            try:
+                validate_pattern(pattern)
+            except InvalidTopic as exc:
+                raise check.fail(name, f"must hold topic patterns: {exc}") from None
     for origin in settings.allowed_origins:
         if origin != "*" and not _ORIGIN.fullmatch(origin):
             raise check.fail("allowed_origins", f"must hold * or origins such as "

@@ -21,7 +21,7 @@ from collections.abc import Callable
 from typing import Any
 
 from server.auth import Grant, authorize_publish
-from server.broker.base import PublishRequest
+from server.broker.base import Published, PublishRequest
 from server.codec import dump_json, load_json, may_hold_long_integers
 from server.commands import MAX_KEY_LENGTH
 from server.errors import SquallError
@@ -113,7 +113,7 @@ class NdjsonPublisher:
         if requests:
             await self._send(results, requests)
         if results:
-            self.write(b"".join(dump_json(result.answer) + b"\n" for result in results))
+            self.write(b"".join([_answer(result.answer) for result in results]))
 
     def _parse(self, number: int, line: bytes) -> LineResult:
         try:
@@ -151,9 +151,17 @@ class NdjsonPublisher:
             return
         for result in results:
             if result.request is not None:
-                outcome = next(outcomes)
-                result.answer = {"topic": outcome.topic, "id": outcome.id, "ts": outcome.ts}
+                result.answer = next(outcomes)
                 self.published += 1
+
+
+def _answer(answer: Any) -> bytes:
+    """One answer line: a publish's outcome (as bytes: topics and ids need no escaping),
+    or an error."""
+    if isinstance(answer, Published):
+        return b'{"topic":"%s","id":"%s","ts":%d}\n' % (answer.topic.encode(),
+                                                       answer.id.encode(), answer.ts)
+    return dump_json(answer) + b"\n"
 
 
 def _error(number: int, exc: SquallError) -> LineResult:

@@ -12,8 +12,9 @@ releases it (``Admitted.release``, idempotent).
 
 from __future__ import annotations
 
+import time
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 from server import signals
 from server.auth import Grant
@@ -77,7 +78,8 @@ async def admit(node: Node, request: Request) -> Admitted:
     refused = node.limits.connections.admit(request.ip)
     if refused is not None:
         raise Refused("rate_limited", refused, CLOSE_RATE_LIMITED)
-    info = signals.ClientInfo(id=node.new_client_id(), sub=rights.sub, ip=request.ip)
+    info = signals.ClientInfo(id=node.new_client_id(), sub=rights.sub, ip=request.ip,
+                              info=rights.info, connected_at=int(time.time() * 1000))
     admitted = Admitted(node, rights, info, request.ip)
     hook = node.auth_hook
     if hook is None:
@@ -85,7 +87,7 @@ async def admit(node: Node, request: Request) -> Admitted:
     try:
         admitted.rights = await hook.connect(info, rights, request.headers or {},
                                              request.query or {})
-        admitted.info = signals.ClientInfo(id=info.id, sub=admitted.rights.sub, ip=request.ip)
+        admitted.info = replace(info, sub=admitted.rights.sub, info=admitted.rights.info)
     except SquallError as exc:
         admitted.release()
         raise Refused("forbidden", exc.message, CLOSE_FORBIDDEN) from None

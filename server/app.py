@@ -12,6 +12,7 @@ from tornado.web import Application, RequestHandler
 from handlers.base import NotFoundHandler, StaticHandler
 from handlers.info import HealthHandler, MetricsHandler, ReadyHandler, TopicsHandler
 from handlers.openapi import OpenApiHandler
+from handlers.operator import DisconnectHandler, PresenceHandler
 from handlers.publish import BatchHandler, TopicEventsHandler
 from server.auth import redacted_uri
 from server.node import Node
@@ -59,6 +60,8 @@ def make_app(node: Node, **tornado_settings: Any) -> Application:
     deps = {"node": node, "auth": node.auth}
     routes: list[Any] = [
         (r"/v1/topics/([^/]+)/events", TopicEventsHandler, deps),
+        (r"/v1/topics/([^/]+)/presence", PresenceHandler, deps),
+        (r"/v1/disconnect", DisconnectHandler, deps),
         (r"/v1/events", BatchHandler, deps),
         (r"/v1/topics", TopicsHandler, deps),
         (r"/v1/ws", WebSocketHandler, deps),

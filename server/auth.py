@@ -6,12 +6,15 @@ Credentials (docs/protocol.md, Auth):
   ``?token=<jwt>`` on the WebSocket (browsers cannot set headers; API keys are not
   taken from URLs, which end up in logs and browser histories).
 - An API key is one of ``api_keys``, compared in constant time. It is a backend's
-  secret and grants everything: publish, history and subscribe on every topic.
+  secret and grants everything: publish, history and subscribe on every topic, and the
+  operator API (disconnects), which no token may use.
 - A JWT is verified with PyJWT: HS256 with ``jwt_secret``; RS256 or ES256 (whichever
   the PEM key in ``jwt_public_key`` is for) with that key. The algorithm picks the key,
   so an HS256 token is never checked against the public key, and ``alg: none`` or any
   other algorithm is refused. ``sub`` and ``exp`` are required; the claim
-  ``"squall": {"subscribe": [...], "publish": [...]}`` lists topic patterns.
+  ``"squall": {"subscribe": [...], "publish": [...], "info": {...}}`` lists topic
+  patterns, and ``info`` (optional, an object of at most ``MAX_INFO_BYTES`` as JSON)
+  travels with the client into presence entries, join and leave frames and webhooks.
 - No credential: anonymous, which may subscribe to ``public_topics`` and publish
   nowhere. A credential that is present but bad is refused (401, or close 4001), never
   downgraded to anonymous. An empty ``?token=`` counts as none.
@@ -36,21 +39,21 @@ before they are logged.
 
 from __future__ import annotations
 
-import functools
 import hmac
 import logging
 import math
 import time
 import warnings
-from collections.abc import Iterable, Sequence
-from dataclasses import dataclass
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 from urllib.parse import parse_qsl, urlencode
 
 import jwt
 
+from server.codec import dump_json
 from server.errors import SquallError
-from server.topics import SINGLE, TAIL, InvalidTopic, validate_pattern
+from server.topics import TAIL, InvalidTopic, covers, validate_pattern
 
 if TYPE_CHECKING:
     from tornado.httputil import HTTPServerRequest
@@ -61,6 +64,7 @@ log = logging.getLogger("squall.auth")
 
 CLAIM = "squall"
 MAX_TOKEN_LENGTH = 8192
+MAX_INFO_BYTES = 1024  # the squall.info claim, as JSON (docs/protocol.md)
 MIN_SECRET_BYTES = 32  # RFC 7518, 3.2: an HS256 key as long as the hash
 FAR_FUTURE = 2**40  # seconds since 1970 (the year 36812): later expiries are capped here
 EVERYTHING = (TAIL,)
@@ -80,31 +84,15 @@ class Forbidden(SquallError):
         super().__init__("forbidden", message)
 
 
-# -- topic patterns -------------------------------------------------------------------
-
-
-@functools.lru_cache(maxsize=4096)
-def covers(granted: str, requested: str) -> bool:
-    """Whether every topic that ``requested`` matches is also matched by ``granted``.
-
-    Both are valid patterns (or topics). ``*`` in ``requested`` needs ``*`` or ``>`` in
-    ``granted``; ``>`` in ``requested`` needs ``>``.
-    """
-    have, want = granted.split("."), requested.split(".")
-    for index, segment in enumerate(have):
-        if segment == TAIL:
-            return len(want) > index
-        if index >= len(want) or want[index] == TAIL:
-            return False
-        if segment != SINGLE and (want[index] == SINGLE or want[index] != segment):
-            return False
-    return len(have) == len(want)
+# -- grants ---------------------------------------------------------------------------
 
 
 @dataclass(frozen=True)
 class Grant:
     """What one client may do. ``expires_at`` is Unix time; ``limit_key`` names the
-    client for rate limits (never the credential itself)."""
+    client for rate limits (never the credential itself); ``info`` is the token's
+    ``squall.info`` object (presence entries, join and leave frames, webhooks);
+    ``operator``: an API key (or anyone, with auth off), which may use the operator API."""
 
     sub: str | None
     subscribe: tuple[str, ...] = ()
@@ -112,6 +100,8 @@ class Grant:
     expires_at: float | None = None
     limit_key: str | None = None
     anonymous: bool = False
+    info: Mapping[str, Any] | None = field(default=None, compare=False)
+    operator: bool = False
 
     def may_subscribe(self, pattern: str) -> bool:
         return self.subscribe == EVERYTHING or any(
@@ -131,11 +121,20 @@ class Grant:
         if not self.may_publish(topic):
             raise Forbidden(f"{self._who()} may not publish to {topic!r}")
 
+    def check_operator(self, what: str) -> None:
+        """Raise unless this is an API key's grant: ``Unauthorized`` without a credential,
+        ``Forbidden`` for a token. ``what`` names the operation in the message."""
+        if self.operator:
+            return
+        if self.anonymous:
+            raise Unauthorized(f"{what} needs an API key: send Authorization: Bearer <key>")
+        raise Forbidden(f"{what} needs an API key; a token may not")
+
     def _who(self) -> str:
         return "an anonymous client" if self.anonymous else "this credential"
 
 
-OPEN = Grant(sub=None, subscribe=EVERYTHING, publish=EVERYTHING)
+OPEN = Grant(sub=None, subscribe=EVERYTHING, publish=EVERYTHING, operator=True)
 
 
 def authorize_publish(rights: Grant, topic: str) -> None:
@@ -213,7 +212,7 @@ class Auth:
             index = self._key_index(credential.encode())
             if index is not None:
                 return Grant(sub=None, subscribe=EVERYTHING, publish=EVERYTHING,
-                             limit_key=f"key:{index}")
+                             limit_key=f"key:{index}", operator=True)
         if not self._keys:
             raise Unauthorized("not a known API key" if self._api_keys else
                                "this server takes no credentials: its authorization "
@@ -261,7 +260,7 @@ class Auth:
         return Grant(sub=sub, subscribe=_patterns(rights, "subscribe") + self.public.subscribe,
                      publish=_patterns(rights, "publish"),
                      expires_at=float(min(exp, FAR_FUTURE)),
-                     limit_key=f"sub:{sub}")
+                     limit_key=f"sub:{sub}", info=_info(rights))
 
     def origin_allowed(self, origin: str, host: str) -> bool:
         """Whether a browser page from ``origin`` may use this server reached as ``host``."""
@@ -293,6 +292,21 @@ def _patterns(rights: dict[str, Any], action: str) -> tuple[str, ...]:
         return tuple(validate_pattern(item) for item in listed)
     except InvalidTopic:
         raise Unauthorized(f"the token's {CLAIM}.{action} claim has an invalid pattern") from None
+
+
+def _info(rights: dict[str, Any]) -> dict[str, Any] | None:
+    """The ``squall.info`` object: at most ``MAX_INFO_BYTES`` as JSON, or ``Unauthorized``."""
+    info = rights.get("info")
+    if info is None:
+        return None
+    if not isinstance(info, dict):
+        raise Unauthorized(f"the token's {CLAIM}.info claim must be an object, not "
+                           f"{type(info).__name__}")
+    size = len(dump_json(info))
+    if size > MAX_INFO_BYTES:
+        raise Unauthorized(f"the token's {CLAIM}.info claim is {size} bytes as JSON; the "
+                           f"limit is {MAX_INFO_BYTES}")
+    return info
 
 
 def bearer(authorization: str | None) -> str | None:
@@ -332,11 +346,14 @@ def load_public_key(pem: bytes) -> tuple[Any, str]:
 
 def issue_token(secret: str, sub: str, subscribe: Iterable[str] = (),
                 publish: Iterable[str] = (), ttl: float = 3600,
-                now: float | None = None) -> str:
-    """An HS256 JWT for ``sub`` with these patterns, valid ``ttl`` seconds (development)."""
+                now: float | None = None, info: Mapping[str, Any] | None = None) -> str:
+    """An HS256 JWT for ``sub`` with these patterns (and ``info``), valid ``ttl`` seconds
+    (development)."""
     issued = time.time() if now is None else now
-    claims = {"sub": sub, "iat": int(issued), "exp": int(issued + ttl),
-              CLAIM: {"subscribe": list(subscribe), "publish": list(publish)}}
+    rights: dict[str, Any] = {"subscribe": list(subscribe), "publish": list(publish)}
+    if info is not None:
+        rights["info"] = dict(info)
+    claims = {"sub": sub, "iat": int(issued), "exp": int(issued + ttl), CLAIM: rights}
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", jwt.InsecureKeyLengthWarning)
         return jwt.encode(claims, secret, algorithm="HS256")

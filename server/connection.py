@@ -148,7 +148,7 @@ class Connection:
         self.hold: Any = None
         self._transport = transport
         self._flusher = flusher
-        self._pending: list[bytes] = []
+        self._pending: list[bytes | memoryview] = []
         self._pending_frames = 0
         self._queued = 0
         self._inflight = 0
@@ -161,8 +161,9 @@ class Connection:
         """Bytes waiting in this connection's queue or in flight to its socket."""
         return self._queued
 
-    def enqueue(self, frames: bytes, count: int = 1) -> None:
-        """Queue ``count`` complete frames (their bytes, joined) for sending.
+    def enqueue(self, frames: bytes | memoryview, count: int = 1) -> None:
+        """Queue ``count`` complete frames (their bytes, joined) for sending; a memoryview
+        lets many connections share one buffer (never changed afterwards).
 
         O(1); never blocks or raises.
         """

@@ -12,6 +12,13 @@ A subscribe with ``since`` replays history before live events. While a connectio
 has a replay under way, its live events are held back (bounded by its queue limit)
 and released after the replay, minus those the replay already carried: no gap, no
 duplicate, whatever the broker's latency.
+
+Presence (server/presence.py): each new subscription is written to the broker's
+presence before its ``subscribed`` reply (so a presence query after it finds the
+client, and its publishes come after its join), and removed when it ends. The join
+and leave frames the broker announces (``deliver_presence``) go to the subscribers of
+that very name, in order with the events before them. ``disconnect`` closes the
+clients an operator names, found through an index by client id and by ``sub``.
 """
 
 from __future__ import annotations
@@ -22,14 +29,15 @@ import logging
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from typing import Any, NamedTuple
+from typing import Any, NamedTuple, Protocol
 
 from server import signals
-from server.broker.base import Broker, Published, PublishRequest
+from server.broker.base import Broker, Disconnect, PresenceNotice, Published, PublishRequest
 from server.commands import with_ref
 from server.connection import CLOSE_SLOW_CONSUMER, Connection, Flusher
 from server.errors import SquallError
 from server.events import Event
+from server.presence import Presence
 from server.router import Router
 from server.wire import WireFormat
 
@@ -77,12 +85,38 @@ class _Run:
 MAX_PENDING_EVENTS = 512
 
 
+class _Held(Protocol):
+    """What a hold keeps: an event, or one subscriber's presence frames."""
+
+    @property
+    def id(self) -> str: ...
+
+    @property
+    def size(self) -> int: ...
+
+    def frame(self, wire: WireFormat) -> bytes | memoryview: ...
+
+
+class _HeldFrames(NamedTuple):
+    """Presence frames of one subscriber, kept back with its events."""
+
+    chunk: bytes | memoryview
+    id: str = ""  # never an event id: never taken for a replayed event
+
+    @property
+    def size(self) -> int:
+        return len(self.chunk)
+
+    def frame(self, wire: WireFormat) -> bytes | memoryview:
+        return self.chunk
+
+
 @dataclass
 class _Hold:
     """Live events kept back from a connection while replays are under way."""
 
     replays: int = 0
-    events: list[Event] = field(default_factory=list)
+    events: list[_Held] = field(default_factory=list)
     bytes: int = 0
     replayed: set[str] = field(default_factory=set)
 
@@ -93,8 +127,11 @@ class Hub:
     def __init__(self, broker: Broker, max_subscriptions: int = 100,
                  observe_publish: Callable[[float], None] = _ignore,
                  observe_fanout: Callable[[float], None] = _ignore,
-                 flusher: Flusher | None = None) -> None:
+                 flusher: Flusher | None = None, presence: Presence | None = None,
+                 presence_timeout: float = 3.0) -> None:
         self.broker = broker
+        self.presence = presence
+        self.presence_timeout = presence_timeout
         self.max_subscriptions = max_subscriptions
         self.observe_publish = observe_publish
         self.observe_fanout = observe_fanout
@@ -114,19 +151,74 @@ class Hub:
         self._in_broker: set[str] = set()  # names the broker confirmed
         self._publishing = 0
         self._idle: asyncio.Event | None = None
+        self._by_id: dict[str, Connection] = {}
+        self._by_sub: dict[str, set[Connection]] = {}
 
     # -- connections ---------------------------------------------------------
 
     def attach(self, connection: Connection) -> None:
         self.connections.add(connection)
         connection.on_slow = self._on_slow
+        self._index(connection)
 
     def forget(self, connection: Connection) -> None:
         """Forget a closed connection and every subscription it had."""
         connection.mark_closed()
-        self.connections.discard(connection)
+        if connection in self.connections:
+            self.connections.discard(connection)
+            self._unindex(connection)
         for name in list(connection.subscriptions):
             self._remove(connection, name)
+
+    def forget_all(self) -> None:
+        """Forget every connection (at shutdown, once they were told to close)."""
+        for connection in list(self.connections):
+            self.forget(connection)
+
+    def identify(self, connection: Connection, info: Any) -> None:
+        """``connection`` is now ``info`` (a TCP client authenticated): re-index it and
+        write its presence entries again."""
+        self._unindex(connection)
+        connection.info = info
+        self._index(connection)
+        if self.presence is not None and connection.subscriptions:
+            self.presence.rewrite(connection, list(connection.subscriptions))
+
+    def disconnect(self, request: Disconnect) -> int:
+        """Close the connections ``request`` names (an operator's disconnect), letting
+        their queued frames go first; how many."""
+        if request.client is not None:
+            found = self._by_id.get(request.client)
+            targets = [found] if found is not None else []
+        else:
+            targets = list(self._by_sub.get(request.sub or "", ()))
+        loop = asyncio.get_running_loop()
+        for connection in targets:
+            if request.sub is not None and connection.info.sub != request.sub:
+                continue
+            connection.close(request.code, request.reason, drain=True)
+            loop.call_soon(self.forget, connection)
+        return len(targets)
+
+    def _index(self, connection: Connection) -> None:
+        info = connection.info
+        if info is None:
+            return
+        self._by_id[info.id] = connection
+        if info.sub is not None:
+            self._by_sub.setdefault(info.sub, set()).add(connection)
+
+    def _unindex(self, connection: Connection) -> None:
+        info = connection.info
+        if info is None:
+            return
+        if self._by_id.get(info.id) is connection:
+            del self._by_id[info.id]
+        same = self._by_sub.get(info.sub) if info.sub is not None else None
+        if same is not None:
+            same.discard(connection)
+            if not same:
+                del self._by_sub[info.sub]
 
     def close_subscribers(self, name: str, code: int, reason: str) -> None:
         """Close every connection subscribed to ``name`` (that exact topic or pattern).
@@ -242,13 +334,15 @@ class Hub:
             raise SquallError("too_many_subscriptions",
                               f"a connection may hold {self.max_subscriptions} subscriptions")
         reply = with_ref({"type": "subscribed", "topic": name}, ref)
+        new = name not in connection.subscriptions
         if since is None:
             # read first: whatever comes later is delivered live, so nothing after it is lost
             reply["last_id"] = str(await self.broker.position(name))
             await self._add(connection, name)
+            await self._join(connection, name, new)
             connection.send(reply)
         else:
-            await self._add_with_replay(connection, name, since, reply)
+            await self._add_with_replay(connection, name, since, reply, new)
         signals.subscribed.send(self, client=connection.info, topic=name)
 
     async def unsubscribe(self, connection: Connection, name: str, ref: Any = None) -> None:
@@ -258,6 +352,40 @@ class Hub:
         self._remove(connection, name)
         connection.send(with_ref({"type": "unsubscribed", "topic": name}, ref))
         signals.unsubscribed.send(self, client=connection.info, topic=name)
+
+    async def _join(self, connection: Connection, name: str, new: bool) -> None:
+        """Write a new subscription's presence entry, before the client is told."""
+        presence = self.presence
+        if presence is None or not new or connection.closed or (
+                name not in connection.subscriptions):
+            return
+        presence.joined(connection, name)
+        await presence.written(connection, name, self.presence_timeout)
+
+    def deliver_presence(self, name: str, notices: list[PresenceNotice]) -> None:
+        """Queue the join and leave frames of one broker announcement on the subscribers
+        of exactly ``name``, after the events delivered before it. Never raises into
+        the broker."""
+        subscribers = self.router.exact(name)
+        if not subscribers or self.presence is None:
+            return
+        try:
+            self.fan_out()
+            for connection, chunk, count in self.presence.frames(name, notices, subscribers):
+                if connection.hold is not None:
+                    self._hold_back(connection, _HeldFrames(chunk))
+                else:
+                    connection.enqueue(chunk, count)
+        except Exception:  # a bug here must not cost the broker its listener
+            log.exception("presence frames of %r failed", name)
+
+    def rewrite_presence(self, names: list[str]) -> None:
+        """The broker lost this node's entries of ``names``: write them again."""
+        if self.presence is None:
+            return
+        for name in names:
+            for connection in list(self.router.exact(name)):
+                self.presence.rewrite(connection, (name,))
 
     def subscriber_counts(self) -> dict[str, int]:
         """Local subscribers per subscribed name (topics and patterns)."""
@@ -296,7 +424,10 @@ class Hub:
             del self._subscribing[name]
 
     def _remove(self, connection: Connection, name: str) -> None:
-        connection.subscriptions.pop(name, None)
+        if name in connection.subscriptions:
+            del connection.subscriptions[name]
+            if self.presence is not None:
+                self.presence.left(connection, name)
         if self.router.remove(name, connection):
             task = asyncio.get_running_loop().create_task(self._unsubscribe_broker(name))
             self._edges.add(task)
@@ -319,7 +450,7 @@ class Hub:
             log.error("broker unsubscribe failed", exc_info=task.exception())
 
     async def _add_with_replay(self, connection: Connection, name: str, since: str,
-                               reply: dict[str, Any]) -> None:
+                               reply: dict[str, Any], new: bool) -> None:
         hold = connection.hold
         if hold is None:
             hold = connection.hold = _Hold()
@@ -341,8 +472,11 @@ class Hub:
         reply["recovered"] = replay.recovered
         if replay.last_id is not None:
             reply["last_id"] = replay.last_id
-        connection.send(reply)
-        self._release(connection, hold)
+        try:
+            await self._join(connection, name, new)
+            connection.send(reply)
+        finally:
+            self._release(connection, hold)
 
     async def _replay(self, connection: Connection, hold: _Hold, events: list[Event]) -> None:
         """Enqueue a replay paced by the socket, so a long one never overflows the queue."""
@@ -355,7 +489,7 @@ class Hub:
                 if connection.closed:
                     return
 
-    def _hold_back(self, connection: Connection, event: Event) -> None:
+    def _hold_back(self, connection: Connection, event: _Held) -> None:
         if connection.closed:
             return
         hold: _Hold = connection.hold

@@ -7,18 +7,19 @@ import itertools
 import logging
 import os
 import socket
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from typing import NamedTuple
 
 from config.settings import Settings
 from server import extensions, signals
 from server.auth import Auth
-from server.broker.base import Broker, BrokerOptions, create_broker
+from server.broker.base import Broker, BrokerOptions, Disconnect, PresenceOptions, create_broker
 from server.connection import Flusher
 from server.history import Retention
 from server.hub import Hub
 from server.keepalive import Keepalive
 from server.metrics import Metrics, MetricSource
+from server.presence import Presence, PresenceWriter, presence_metrics
 from server.ratelimit import Limits
 from server.topics import is_pattern
 from server.wire import WireFormat
@@ -53,10 +54,14 @@ class Node:
         self.broker = broker or create_broker(settings.broker, broker_options(settings))
         self.metrics = Metrics()
         self.metric_sources: list[MetricSource] = []
+        self.presence = PresenceWriter(self.broker)
         self.hub = Hub(self.broker, max_subscriptions=settings.max_subscriptions,
                        observe_publish=self.metrics.publish_seconds.observe,
                        observe_fanout=self.metrics.fanout_seconds.observe,
-                       flusher=Flusher(WRITE_PACE, settings.write_delay))
+                       flusher=Flusher(WRITE_PACE, settings.write_delay),
+                       presence=Presence(self.presence, self.name,
+                                         self.broker.options.presence),
+                       presence_timeout=settings.broker_timeout)
         self.keepalive = Keepalive(settings.ping_interval, settings.ping_timeout)
         self.heartbeat = Keepalive(settings.sse_heartbeat, 0)  # answered by no one
         # made here, in the worker: ids are unique across workers and nodes
@@ -67,13 +72,20 @@ class Node:
         self.auth_hook = extensions.auth_hook(settings, self.name)
         self.metric_sources.append(
             lambda: extensions.extension_metrics(self.webhooks, self.auth_hook))
+        self.metric_sources.append(lambda: presence_metrics(self.presence))
         self.broker.on_gap = self._on_gap
         self.broker.local_counts = self._count_local
+        self.broker.on_presence = self.hub.deliver_presence
+        self.broker.on_lifecycle = self._on_lifecycle
+        self.broker.on_disconnect = self._on_disconnect
+        self.broker.local_names = self._local_names
+        self.broker.on_presence_lost = self.hub.rewrite_presence
         self._listing: asyncio.Task[list[TopicEntry]] | None = None
         self._listing_until = 0.0
 
     async def start(self) -> None:
         await self.broker.start(self.hub.deliver)
+        self.presence.start()
         self.keepalive.start()
         self.heartbeat.start()
         if self.webhooks is not None:
@@ -93,9 +105,15 @@ class Node:
             log.warning("publishes still under way after %.0fs", timeout)
 
     async def close(self) -> None:
-        """Release the keepalive, the broker, the webhooks and the signal queues."""
+        """Take this node's clients out of presence, then release the keepalive, the
+        broker, the webhooks and the signal queues."""
         await self.keepalive.stop()
         await self.heartbeat.stop()
+        self.hub.forget_all()
+        left = await self.presence.close(self.settings.broker_timeout)
+        if left:
+            log.warning("%d presence changes were not written; the other nodes take "
+                        "this node's clients out of presence within presence_ttl", left)
         await self.broker.close()
         timeout = self.settings.shutdown_timeout / 2
         if self.webhooks is not None:
@@ -144,6 +162,18 @@ class Node:
         return [TopicEntry(topic, counts.get(topic, 0), last_ids.get(topic))
                 for topic in topics]
 
+    def _on_lifecycle(self, name: str, signal: str) -> None:
+        signals.SIGNALS[signal].send(self.hub, topic=name)
+
+    def _on_disconnect(self, request: Disconnect) -> None:
+        closed = self.hub.disconnect(request)
+        if closed:
+            log.info("closed %d client(s) with %d: %s", closed, request.code,
+                     request.reason or "disconnected by the backend")
+
+    def _local_names(self) -> Iterator[str]:
+        return (name for name, _ in self.hub.router.names())
+
     def _on_gap(self, name: str) -> None:
         self.hub.close_subscribers(name, CLOSE_EVENTS_LOST, "events lost; resume with since")
 
@@ -159,7 +189,9 @@ def broker_options(settings: Settings) -> BrokerOptions:
                           max_topics=settings.history_max_topics,
                           max_bytes=settings.history_max_bytes,
                           max_replay=settings.max_replay_events)
+    presence = PresenceOptions(topics=settings.presence_topics, ttl=settings.presence_ttl,
+                               debounce=settings.lifecycle_debounce)
     return BrokerOptions(retention=retention, timeout=settings.broker_timeout,
                          dedupe_window=settings.dedupe_window,
                          dedupe_max_keys=settings.dedupe_max_keys,
-                         wait_replicas=settings.redis_wait_replicas)
+                         wait_replicas=settings.redis_wait_replicas, presence=presence)

@@ -75,6 +75,11 @@ class Router(Generic[S]):
             found.update(subscribers)
         return found.keys()
 
+    def exact(self, name: str) -> Collection[S]:
+        """The subscribers of ``name`` itself (a topic or a pattern, literally)."""
+        found = self._names.get(name)
+        return found.keys() if found else ()
+
     def subscribers(self, name: str) -> int:
         """How many subscribers ``name`` (a topic or a pattern, literally) has."""
         return len(self._names.get(name, ()))

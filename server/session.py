@@ -71,16 +71,6 @@ Parsed = Command | SquallError
 PUBLISH_GROUP = 256  # consecutive publish frames sent to the broker in one call at most
 
 
-class _Parsed:
-    """A waiting message whose parse is known already (it was looked ahead at)."""
-
-    __slots__ = ("message", "parsed")
-
-    def __init__(self, message: Message, parsed: Parsed) -> None:
-        self.message = message
-        self.parsed = parsed
-
-
 _PENDING: Any = object()  # an outcome still to come from the broker
 _PUBLISHED = {"type": "published"}  # what a wire format's framing needs to know of a reply
 
@@ -108,8 +98,8 @@ class Session:
                                      node.settings.send_queue_bytes, admitted.info)
         self._admitted: Admitted | None = admitted
         self._expiry: asyncio.TimerHandle | None = None
-        # messages waiting; None: none running
-        self._inbox: collections.deque[Message | _Parsed] | None = None
+        # messages waiting, as (size, message, parsed); None: none running
+        self._inbox: collections.deque[tuple[int, Message, Parsed]] | None = None
         self._inbox_bytes = 0
         self._runner: asyncio.Task[None] | None = None
         self._keepalive: Keepalive | None = node.keepalive_for(wire)
@@ -194,12 +184,14 @@ class Session:
     # -- running messages -----------------------------------------------------------------
 
     def _queue(self, message: Message) -> None:
-        if not isinstance(message, dict):
-            self._inbox_bytes += len(message)
+        """Parse ``message`` (now: it waits parsed) and queue it for its turn."""
+        size = 0 if isinstance(message, dict) else len(message)
+        self._inbox_bytes += size
+        item = (size, message, self._parse_safely(message))
         if self._inbox is not None:
-            self._inbox.append(message)
+            self._inbox.append(item)
             return
-        self._inbox = collections.deque([message])
+        self._inbox = collections.deque([item])
         self._runner = asyncio.get_running_loop().create_task(self._run_inbox())
 
     async def _run_inbox(self) -> None:
@@ -210,16 +202,16 @@ class Session:
         inbox = self._inbox
         try:
             while inbox and not self.connection.closed:
-                message, parsed = self._take(inbox)
+                size, message, parsed = inbox.popleft()
+                self._inbox_bytes -= size
                 if not self._groupable(parsed):
                     await self._on_parsed(message, parsed)
                     continue
-                group = [(message, parsed)]
-                while inbox and len(group) < PUBLISH_GROUP:
-                    following = self._peek(inbox)
-                    if not self._groupable(following):
-                        break
-                    group.append(self._take(inbox))
+                group = [(size, parsed)]
+                while inbox and len(group) < PUBLISH_GROUP and self._groupable(inbox[0][2]):
+                    size, _, parsed = inbox.popleft()
+                    self._inbox_bytes -= size
+                    group.append((size, parsed))
                 await self._publish_group(group)
         except Exception:  # one choke point: a bug costs this client, never the others
             info = self.info
@@ -229,23 +221,6 @@ class Session:
             self._inbox = None
             self._inbox_bytes = 0
             self._runner = None
-
-    def _take(self, inbox: collections.deque[Message | _Parsed]) -> tuple[Message, Parsed]:
-        item = inbox.popleft()
-        if isinstance(item, _Parsed):
-            message, parsed = item.message, item.parsed
-        else:
-            message, parsed = item, self._parse_safely(item)
-        if not isinstance(message, dict):
-            self._inbox_bytes -= len(message)
-        return message, parsed
-
-    def _peek(self, inbox: collections.deque[Message | _Parsed]) -> Parsed:
-        """What the next message is, parsed once (the parse stays for its turn)."""
-        item = inbox[0]
-        if not isinstance(item, _Parsed):
-            item = inbox[0] = _Parsed(item, self._parse_safely(item))
-        return item.parsed
 
     def _groupable(self, parsed: Parsed) -> bool:
         return isinstance(parsed, Publish) and self.node.auth_hook is None
@@ -312,16 +287,16 @@ class Session:
         [published] = await self.node.hub.publish([self._request(command, size)])
         self._published(command, published)
 
-    async def _publish_group(self, group: list[tuple[Message, Parsed]]) -> None:
-        """Publish each of ``group`` (publish commands, in order) in one broker call;
-        a refused one gets its error frame in its place among the replies."""
+    async def _publish_group(self, group: list[tuple[int, Parsed]]) -> None:
+        """Publish each of ``group`` (publish commands and their sizes, in order) in one
+        broker call; a refused one gets its error frame in its place among the replies."""
         outcomes: list[Published | SquallError] = []
         requests: list[PublishRequest] = []
-        for message, command in group:
+        for size, command in group:
             assert isinstance(command, Publish)
             try:
                 self.rights.check_publish(command.topic)
-                requests.append(self._request(command, _size(message)))
+                requests.append(self._request(command, size))
             except SquallError as exc:
                 outcomes.append(exc)
             else:
@@ -334,12 +309,20 @@ class Session:
             else:
                 outcomes = [next(published) if outcome is _PENDING else outcome
                             for outcome in outcomes]
+        replies: list[bytes] = []  # queued together, in order, until an error comes between
         for (_, command), outcome in zip(group, outcomes, strict=True):
             assert isinstance(command, Publish)
             if isinstance(outcome, SquallError):
+                self._queue_replies(replies)
                 self._refused(outcome, command.ref)
             else:
-                self._published(command, outcome)
+                replies.append(self._published_frame(command, outcome))
+        self._queue_replies(replies)
+
+    def _queue_replies(self, replies: list[bytes]) -> None:
+        if replies:
+            self.connection.enqueue(b"".join(replies), len(replies))
+            replies.clear()
 
     def _request(self, command: Publish, size: int) -> PublishRequest:
         limit = self.node.settings.max_event_bytes
@@ -348,15 +331,18 @@ class Session:
         return PublishRequest(command.topic, command.data, command.idempotency_key)
 
     def _published(self, command: Publish, published: Published) -> None:
+        self.connection.enqueue(self._published_frame(command, published))
+
+    def _published_frame(self, command: Publish, published: Published) -> bytes:
+        """The ``published`` reply's bytes (the common JSON one formatted directly)."""
         wire, ref = self.wire, command.ref
-        if wire.codec is JSON and (ref is None or type(ref) is int):  # the common reply, as
-            payload = b'{"type":"published","topic":"%s","id":"%s","ts":%d%s}' % (  # bytes
+        if wire.codec is JSON and (ref is None or type(ref) is int):
+            payload = b'{"type":"published","topic":"%s","id":"%s","ts":%d%s}' % (
                 published.topic.encode(), published.id.encode(), published.ts,
                 b"" if ref is None else b',"ref":%d' % ref)
-            self.connection.enqueue(wire.wrap(payload, _PUBLISHED))
-            return
-        self.connection.send(with_ref({"type": "published", "topic": published.topic,
-                                       "id": published.id, "ts": published.ts}, ref))
+            return wire.wrap(payload, _PUBLISHED)
+        return wire.frame(with_ref({"type": "published", "topic": published.topic,
+                                    "id": published.id, "ts": published.ts}, ref))
 
     def _encoded_size(self, data: Any) -> int:
         try:
@@ -369,7 +355,8 @@ class Session:
         """Take the grant of an API key or JWT (the TCP line protocol's ``auth``)."""
         rights = self.node.auth.grant(command.token, key_allowed=True)
         self.rights = rights
-        self.connection.info = replace(self.info, sub=rights.sub)
+        self.node.hub.identify(self.connection, replace(self.info, sub=rights.sub,
+                                                        info=rights.info))
         if self._expiry is not None:
             self._expiry.cancel()
             self._expiry = None

@@ -44,7 +44,15 @@ The built-in signals and the keyword arguments the server sends with them:
 ``unsubscribed``            ``client: ClientInfo, topic: str``
 ``event_published``         ``event: PublishedEvent`` (``topic``, ``id``, ``ts``, ``data``)
 ``slow_consumer_closed``    ``client: ClientInfo, queued_bytes: int``
+``topic_occupied``          ``topic: str``: the first subscriber of that name (a topic or
+                            a pattern) appeared on some node of the cluster
+``topic_vacated``           ``topic: str``: the name has had no subscriber anywhere for
+                            ``lifecycle_debounce`` seconds (or its last ones were on a
+                            node that died)
 ==========================  ==========================================================
+
+``topic_occupied`` and ``topic_vacated`` are sent once per change in the whole cluster,
+by the one node the broker chose, and alternate for each name (server/presence.py).
 
 ``SIGNALS`` maps each built-in signal's name to it (webhooks name signals so).
 """
@@ -56,7 +64,7 @@ import inspect
 import logging
 from collections import deque
 from collections.abc import Awaitable, Callable, Iterable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from types import MappingProxyType
 from typing import Any, Generic, Protocol, TypeVar, cast
 
@@ -78,14 +86,18 @@ _WARN_INTERVAL = 10.0
 
 @dataclass(frozen=True, slots=True)
 class ClientInfo:
-    """Who a client is, as receivers and webhooks see it."""
+    """Who a client is, as receivers and webhooks see it: ``info`` is its token's
+    ``squall.info`` object (or None), ``connected_at`` when it connected (ms since
+    the Unix epoch)."""
 
     id: str
     sub: str | None
     ip: str
+    info: Mapping[str, Any] | None = field(default=None, compare=False)
+    connected_at: int = 0
 
-    def as_dict(self) -> dict[str, str | None]:
-        return {"id": self.id, "sub": self.sub, "ip": self.ip}
+    def as_dict(self) -> dict[str, Any]:
+        return {"id": self.id, "sub": self.sub, "ip": self.ip, "info": self.info}
 
 
 class PublishedEvent(Protocol):
@@ -379,7 +391,9 @@ subscribed = Signal("subscribed")
 unsubscribed = Signal("unsubscribed")
 event_published = Signal("event_published")
 slow_consumer_closed = Signal("slow_consumer_closed")
+topic_occupied = Signal("topic_occupied")
+topic_vacated = Signal("topic_vacated")
 
 SIGNALS: Mapping[str, Signal] = MappingProxyType({s.name: s for s in (
     client_connected, client_disconnected, subscribed, unsubscribed, event_published,
-    slow_consumer_closed)})
+    slow_consumer_closed, topic_occupied, topic_vacated)})

@@ -7,6 +7,7 @@ segments, last segment only). This is the NATS convention.
 
 from __future__ import annotations
 
+import functools
 import re
 
 MAX_TOPIC_LENGTH = 255
@@ -74,6 +75,24 @@ def matches(pattern: str, topic: str) -> bool:
         if segment != SINGLE and segment != topic_segments[index]:
             return False
     return len(pattern_segments) == len(topic_segments)
+
+
+@functools.lru_cache(maxsize=4096)
+def covers(granted: str, requested: str) -> bool:
+    """Whether every topic that ``requested`` matches is also matched by ``granted``.
+
+    Both are valid patterns (or topics). ``*`` in ``requested`` needs ``*`` or ``>`` in
+    ``granted``; ``>`` in ``requested`` needs ``>``.
+    """
+    have, want = granted.split("."), requested.split(".")
+    for index, segment in enumerate(have):
+        if segment == TAIL:
+            return len(want) > index
+        if index >= len(want) or want[index] == TAIL:
+            return False
+        if segment != SINGLE and (want[index] == SINGLE or want[index] != segment):
+            return False
+    return len(have) == len(want)
 
 
 def _text(name: object, max_length: int) -> str:

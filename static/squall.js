@@ -30,8 +30,9 @@
 
   var PROTOCOL = "squall.v1.json";
   var CLOSE_UNAUTHORIZED = 4001;
-  // Close codes after which reconnecting cannot help (protocol.md, Close codes).
-  var TERMINAL_CODES = [1000, 1009, 4000, 4003];
+  // Close codes after which reconnecting cannot help (docs/protocol.md, Close codes).
+  // 4010: disconnected by the backend (POST /v1/disconnect).
+  var TERMINAL_CODES = [1000, 1009, 4000, 4003, 4010];
   var RECENT_IDS = 1000;
   // Errors a subscribe may get while the server's broker is away: retried with backoff.
   var RETRIED_SUBSCRIBE_ERRORS = ["broker_unavailable"];
@@ -255,6 +256,7 @@
 
     /**
      * Listen: "state", "open", "close", "event", "subscribed", "recovery_failed", "error",
+     * "join" and "leave" (presence frames of `presence_topics` names: {type, topic, client}),
      * "transport" ({transport}: "websocket" or "sse").
      */
     on(name, listener) {
@@ -555,6 +557,7 @@
       else if (frame.type === "subscribed") this._onSubscribed(frame);
       else if (frame.type === "published") this._settle(frame.ref, null, frame);
       else if (frame.type === "error") this._onError(frame);
+      else if (frame.type === "join" || frame.type === "leave") this._emit(frame.type, frame);
     }
 
     _onEvent(event) {
@@ -711,7 +714,9 @@
       this._source = source;
       source.onopen = function () { if (!quiet) self._onStreamOpen(); };
       source.onmessage = function (message) { self._onMessage(message.data); };
-      source.addEventListener("subscribed", function (message) { self._onMessage(message.data); });
+      ["subscribed", "join", "leave"].forEach(function (name) {
+        source.addEventListener(name, function (message) { self._onMessage(message.data); });
+      });
       source.addEventListener("close", function (message) { self._onStreamClose(message.data); });
       // "error" is both the server's error events (with data) and the stream's own failures
       source.addEventListener("error", function (message) {

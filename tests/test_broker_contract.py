@@ -9,13 +9,26 @@ only sleeps are the few that let a ttl or a dedupe window pass.
 from __future__ import annotations
 
 import asyncio
+import json
+import time
 from collections.abc import Awaitable, Callable, Iterator, Sequence
 from typing import Any
 
 import pytest
 from tornado.ioloop import IOLoop
 
-from server.broker.base import Broker, BrokerOptions, Published, PublishRequest, create_broker
+from server.broker.base import (
+    OCCUPIED,
+    VACATED,
+    Broker,
+    BrokerOptions,
+    Disconnect,
+    PresenceChange,
+    PresenceOptions,
+    Published,
+    PublishRequest,
+    create_broker,
+)
 from server.errors import BrokerUnavailable
 from server.events import Event, EventId
 from server.history import Replay, Retention
@@ -364,3 +377,134 @@ async def test_a_closed_broker_is_not_ready_and_refuses_to_publish(make_broker):
     assert not broker.ready
     with pytest.raises(BrokerUnavailable):
         await broker.publish([PublishRequest("closed", 1)])
+
+
+# -- presence, lifecycle and control -------------------------------------------------------
+
+
+class Heard:
+    """A broker's presence callbacks, recorded, with a way to wait for them."""
+
+    def __init__(self, broker: Broker) -> None:
+        self.notices: list[tuple[str, str, str]] = []  # (name, kind, client id)
+        self.lifecycle: list[tuple[str, str]] = []
+        self.disconnects: list[Disconnect] = []
+        self._changed = asyncio.Event()
+        broker.on_presence = self._presence
+        broker.on_lifecycle = self._lifecycle
+        broker.on_disconnect = self._disconnect
+
+    def _presence(self, name: str, notices: list[tuple[str, dict[str, Any]]]) -> None:
+        self.notices += [(name, kind, entry["id"]) for kind, entry in notices]
+        self._changed.set()
+
+    def _lifecycle(self, name: str, signal: str) -> None:
+        self.lifecycle.append((name, signal))
+        self._changed.set()
+
+    def _disconnect(self, request: Disconnect) -> None:
+        self.disconnects.append(request)
+        self._changed.set()
+
+    async def until(self, condition: Callable[[], bool], timeout: float = WAIT) -> None:
+        async with asyncio.timeout(timeout):
+            while not condition():
+                self._changed.clear()
+                await self._changed.wait()
+
+
+def entry(client: str, sub: str | None = None, **fields: Any) -> bytes:
+    return json.dumps({"id": client, "sub": sub, "node": "n1", "connected_at": 1,
+                       "info": None, **fields}).encode()
+
+
+def add(name: str, client: str, **fields: Any) -> PresenceChange:
+    return PresenceChange(name, client, entry(client, **fields))
+
+
+def gone(name: str, client: str) -> PresenceChange:
+    return PresenceChange(name, client, None)
+
+
+def presence_options(debounce: float = 0.3, ttl: float = 30.0) -> PresenceOptions:
+    return PresenceOptions(topics=("room.>",), ttl=ttl, debounce=debounce)
+
+
+async def test_presence_lists_and_counts_the_entries_of_a_name(make_broker):
+    broker, _ = await make_broker(presence=presence_options())
+    await broker.update_presence([add("room.a", "c1", sub="alice"), add("room.a", "c2"),
+                                  add("room.*", "c1"), add("quiet", "c3")])
+    listed = await broker.presence("room.a", 10)
+    assert (listed.count, listed.truncated) == (2, False)
+    assert sorted(found["id"] for found in listed.entries) == ["c1", "c2"]
+    assert {found["id"]: found["sub"] for found in listed.entries}["c1"] == "alice"
+    assert [found["id"] for found in (await broker.presence("room.*", 10)).entries] == ["c1"]
+    cut = await broker.presence("room.a", 1)
+    assert (cut.count, len(cut.entries), cut.truncated) == (2, 1, True)
+    await broker.update_presence([add("room.a", "c2", sub="bob"), gone("room.a", "c1")])
+    listed = await broker.presence("room.a", 10)
+    assert [(found["id"], found["sub"]) for found in listed.entries] == [("c2", "bob")]
+    nobody = await broker.presence("room.none", 10)
+    assert (nobody.count, nobody.entries, nobody.truncated) == (0, [], False)
+
+
+async def test_joins_and_leaves_of_announced_names_reach_on_presence_in_order(make_broker):
+    broker, _ = await make_broker(subscribe=["room.a", "quiet"], presence=presence_options())
+    heard = Heard(broker)
+    await broker.update_presence([add("room.a", "c1"), add("room.a", "c2"), gone("room.a", "c1"),
+                                  add("quiet", "c3")])
+    await broker.update_presence([add("room.a", "c2", sub="renamed"), gone("room.a", "c9"),
+                                  add("room.a", "c1")])
+    await heard.until(lambda: len(heard.notices) >= 4)
+    await broker.update_presence([gone("room.a", "c2")])
+    await heard.until(lambda: len(heard.notices) >= 5)
+    assert heard.notices == [("room.a", "join", "c1"), ("room.a", "join", "c2"),
+                             ("room.a", "leave", "c1"), ("room.a", "join", "c1"),
+                             ("room.a", "leave", "c2")]
+
+
+async def test_a_presence_change_applied_twice_counts_once(make_broker):
+    broker, _ = await make_broker(subscribe=["room.b"], presence=presence_options())
+    heard = Heard(broker)
+    await broker.update_presence([add("room.b", "c2")])
+    batch = [add("room.b", "c1"), gone("room.b", "c2"), gone("room.b", "c3")]
+    await broker.update_presence(batch)
+    await broker.update_presence(batch)
+    await broker.update_presence([add("room.b", "end")])
+    await heard.until(lambda: ("room.b", "join", "end") in heard.notices)
+    assert heard.notices == [("room.b", "join", "c2"), ("room.b", "join", "c1"),
+                             ("room.b", "leave", "c2"), ("room.b", "join", "end")]
+    assert (await broker.presence("room.b", 10)).count == 2
+    assert heard.lifecycle == [("room.b", OCCUPIED)]
+
+
+async def test_a_name_is_occupied_at_once_and_vacated_after_the_debounce(make_broker):
+    broker, _ = await make_broker(presence=presence_options(debounce=0.3))
+    heard = Heard(broker)
+    await broker.update_presence([add("life", "c1"), add("life", "c2")])
+    assert heard.lifecycle == [("life", OCCUPIED)]
+    await broker.update_presence([gone("life", "c1"), gone("life", "c2")])
+    await broker.update_presence([add("life", "c3")])  # back within the debounce
+    await broker.update_presence([gone("life", "c3")])
+    started = time.monotonic()
+    await heard.until(lambda: len(heard.lifecycle) == 2)
+    assert heard.lifecycle == [("life", OCCUPIED), ("life", VACATED)]
+    assert time.monotonic() - started >= 0.25
+    await broker.update_presence([add("life", "c4")])
+    assert heard.lifecycle[2:] == [("life", OCCUPIED)]
+
+
+async def test_with_no_debounce_the_last_leave_vacates_at_once(make_broker):
+    broker, _ = await make_broker(presence=presence_options(debounce=0))
+    heard = Heard(broker)
+    await broker.update_presence([add("now", "c1")])
+    await broker.update_presence([gone("now", "c1")])
+    assert heard.lifecycle == [("now", OCCUPIED), ("now", VACATED)]
+
+
+async def test_a_disconnect_reaches_this_node_at_once(make_broker):
+    broker, _ = await make_broker()
+    heard = Heard(broker)
+    request = Disconnect("alice", None, 4010, "bye")
+    await broker.disconnect(request)
+    assert heard.disconnects == [request]

@@ -398,3 +398,36 @@ async def test_ping_detects_a_dead_connection(chromium, origin, publish):
     pongs = len(live.received_of_type("pong"))
     await tab.until(lambda: len(live.received_of_type("pong")) >= pongs + 3)
     assert await tab.eval("record.closes.length") == 1
+
+
+# -- presence frames and the backend's disconnect ------------------------------------
+
+
+@pytest.mark.parametrize("transport", ["websocket", "sse"])
+@pytest.mark.settings(presence_topics=("room.>",))
+async def test_join_and_leave_reach_listeners_and_4010_stops_the_client(
+        chromium, origin, ws_connect, http_client, transport):
+    tab = await client_tab(chromium, origin)
+    await tab.start_client(origin, ("room.b",), transport=transport)
+    await tab.all_subscribed()
+    await tab.eval("""() => {
+      window.presence = [];
+      client.on("join", (frame) => presence.push(frame));
+      client.on("leave", (frame) => presence.push(frame));
+    }""")
+    other = await ws_connect(query="topic=room.b")
+    await other.recv_type("subscribed")
+    await tab.wait("presence.length === 1")
+    await other.socket.close()
+    await tab.wait("presence.length === 2")
+    join, leave = await tab.eval("presence")
+    assert (join["type"], join["topic"], leave["type"]) == ("join", "room.b", "leave")
+    assert join["client"] == leave["client"] and set(join["client"]) == {"id", "sub", "info"}
+    listed = json.loads((await http_client.fetch(f"{origin}/v1/topics/room.b/presence")).body)
+    [mine] = listed["clients"]
+    response = await http_client.fetch(f"{origin}/v1/disconnect", method="POST",
+                                       body=json.dumps({"client": mine["id"]}))
+    assert response.code == 202
+    await tab.wait("client.state === 'closed'")
+    assert (await tab.eval("record.closes"))[-1]["code"] == 4010
+    await tab.assert_stays_closed()

@@ -92,7 +92,7 @@ async def test_lifecycle_webhooks_are_signed_and_complete(receivers, ws_connect,
     assert [body["signal"] for body in bodies] == [
         "client_connected", "subscribed", "unsubscribed", "client_disconnected"]
     client_info = bodies[0]["client"]
-    assert set(client_info) == {"id", "sub", "ip"} and client_info["ip"] == "127.0.0.1"
+    assert set(client_info) == {"id", "sub", "ip", "info"} and client_info["ip"] == "127.0.0.1"
     for body in bodies:
         assert body["client"] == client_info and body["node"] == node.name
         assert isinstance(body["ts"], int)

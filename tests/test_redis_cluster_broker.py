@@ -22,8 +22,9 @@ from redis.exceptions import ResponseError
 from tornado.ioloop import IOLoop
 
 from config.settings import Settings, SettingsError, load_settings
-from server.broker.base import BrokerOptions, PublishRequest
+from server.broker.base import BrokerOptions, PresenceChange, PresenceOptions, PublishRequest
 from server.broker.redis_cluster import RedisClusterBroker, first_segment, parse_cluster_url
+from server.broker.redis_presence import CLUSTER_WIRE
 from server.errors import BrokerUnavailable
 from server.history import Retention
 from tests.test_broker_contract import Received
@@ -140,7 +141,8 @@ async def test_scripts_touch_only_the_keys_they_are_given(cluster_url, redis_clu
     """MONITOR on every master: each command a script runs names only keys that the
     script call declared in KEYS (what Redis Cluster requires of scripts)."""
     broker = RedisClusterBroker(cluster_url, BrokerOptions(
-        retention=Retention(max_topics=2), timeout=5.0))
+        retention=Retention(max_topics=2), timeout=5.0,
+        presence=PresenceOptions(topics=("scripted.>",))))
     await broker.start(Received())
     monitors = []
     try:
@@ -159,6 +161,11 @@ async def test_scripts_touch_only_the_keys_they_are_given(cluster_url, redis_clu
         await broker.history("scripted.t1", "nope-1")
         await broker.last_ids(["scripted.t1", "other1.x"])
         await broker.retained_topics()
+        entry = b'{"id":"c1","sub":"u1","node":"n","connected_at":1,"info":null}'
+        await broker.update_presence([PresenceChange("scripted.t1", "c1", entry),
+                                      PresenceChange("scripted.*", "c1", entry)])
+        await broker.presence("scripted.t1", 10)
+        await broker.update_presence([PresenceChange("scripted.t1", "c1", None)])
     finally:
         await broker.close()
     try:
@@ -208,10 +215,13 @@ async def test_one_listener_connection_per_master_whatever_it_subscribes(
     names = [f"many{n}.t" for n in range(30)] + ["many1.*", "many2.>", "*.t"]
     _, received, _ = await nodes(subscribe=names)
     b, _, _ = await nodes()
+    # b subscribes nothing but the control and notices channels of the presence slot
+    presence = redis_cluster.master_of_slot(key_slot(CLUSTER_WIRE.control))
     for master in redis_cluster.masters():
         client = await admin(master)
         async with client:
-            assert len(await client.client_list(_type="pubsub")) == 1
+            expected = 2 if master == presence else 1
+            assert len(await client.client_list(_type="pubsub")) == expected
     outcomes = await b.publish([PublishRequest(f"many{n}.t", n) for n in range(30)])
     events = await received.wait_for(30)
     await asyncio.sleep(0.2)  # a second copy (the topic, its segment, its slot) would come

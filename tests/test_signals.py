@@ -350,7 +350,7 @@ async def test_module_drain_covers_the_builtin_signals() -> None:
 
 def test_builtin_signals_are_named_and_listed() -> None:
     names = ["client_connected", "client_disconnected", "subscribed", "unsubscribed",
-             "event_published", "slow_consumer_closed"]
+             "event_published", "slow_consumer_closed", "topic_occupied", "topic_vacated"]
     assert list(signals.SIGNALS) == names
     for name in names:
         assert getattr(signals, name) is signals.SIGNALS[name]
@@ -358,7 +358,8 @@ def test_builtin_signals_are_named_and_listed() -> None:
 
 
 def test_client_info_is_frozen_and_turns_into_a_dict() -> None:
-    assert CLIENT.as_dict() == {"id": "c-1", "sub": "alice", "ip": "203.0.113.7"}
+    assert CLIENT.as_dict() == {"id": "c-1", "sub": "alice", "ip": "203.0.113.7",
+                               "info": None}
     assert ClientInfo("c-2", None, "::1").as_dict()["sub"] is None
     with pytest.raises(dataclasses.FrozenInstanceError):
         CLIENT.id = "other"  # type: ignore[misc]

@@ -162,7 +162,8 @@ async def test_delivery_body_and_signature(dispatcher: Callable[..., WebhookDisp
     body = hit.json()
     assert before <= body.pop("ts") <= int(time.time() * 1000)
     assert body == {"signal": "subscribed", "node": "squall-1",
-                    "client": {"id": "c-8f2a", "sub": "alice", "ip": "203.0.113.7"},
+                    "client": {"id": "c-8f2a", "sub": "alice", "ip": "203.0.113.7",
+                               "info": None},
                     "topic": "orders.*", "reason": None}
     assert await hooks.join(5)
     assert (hooks.stats[0].delivered, hooks.stats[0].failed, hooks.stats[0].dropped) == (1, 0, 0)

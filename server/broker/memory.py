@@ -7,7 +7,17 @@ import secrets
 import time
 from collections.abc import Sequence
 
-from server.broker.base import Broker, BrokerOptions, EventHandler, Published, PublishRequest
+from server.broker.base import (
+    Broker,
+    BrokerOptions,
+    Disconnect,
+    EventHandler,
+    PresenceChange,
+    PresenceList,
+    Published,
+    PublishRequest,
+)
+from server.broker.local_presence import LocalPresence
 from server.dedupe import DedupeWindow
 from server.errors import BrokerUnavailable
 from server.events import Event, EventId
@@ -29,7 +39,9 @@ class MemoryBroker(Broker):
       survive a restart, and ids from before it get ``recovered: false``.
     - Publishing is synchronous inside ``publish``: the event is retained and handed
       to ``on_event`` before the call returns, so it can never be unavailable.
-    - Nodes: only this one. ``--workers`` above 1 needs a shared broker.
+    - Nodes: only this one. ``--workers`` above 1 needs a shared broker. Presence
+      and disconnects stay in the process (server/broker/local_presence.py): a
+      presence change is announced before ``update_presence`` returns.
     """
 
     def __init__(self, options: BrokerOptions) -> None:
@@ -41,6 +53,7 @@ class MemoryBroker(Broker):
         self._seq = 0
         self._sweeper: asyncio.Task[None] | None = None
         self._closed = False
+        self._presence = LocalPresence(options.presence, self)
 
     async def start(self, on_event: EventHandler) -> None:
         await super().start(on_event)
@@ -49,6 +62,7 @@ class MemoryBroker(Broker):
     async def close(self) -> None:
         self._closed = True
         await stop(self._sweeper)
+        self._presence.close()
 
     @property
     def ready(self) -> bool:
@@ -78,6 +92,20 @@ class MemoryBroker(Broker):
     async def subscriber_counts(self, topics: Sequence[str]) -> dict[str, int]:
         """This node is the only one: its local counts."""
         return dict(self.local_counts(topics))
+
+    async def update_presence(self, changes: Sequence[PresenceChange]) -> None:
+        if self._closed:
+            raise BrokerUnavailable("the broker is closed")
+        self._presence.apply(changes)
+
+    async def presence(self, name: str, limit: int) -> PresenceList:
+        return self._presence.listing(name, limit)
+
+    async def disconnect(self, request: Disconnect) -> None:
+        """This node is every node: its clients are closed before this returns."""
+        if self._closed:
+            raise BrokerUnavailable("the broker is closed")
+        self.on_disconnect(request)
 
     def _publish_one(self, request: PublishRequest, ts: int) -> Published:
         key = request.idempotency_key

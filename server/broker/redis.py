@@ -42,6 +42,9 @@
 - Subscriber counts: every node writes its local counts to Redis every few seconds
   (a hash per node, expiring when the node stops writing); ``subscriber_counts``
   adds them up.
+- Presence, lifecycle and disconnects: redis_presence.py (scripts in
+  redis_presence_lua.py); the listener hands it the control channel's messages and
+  the presence messages on the event channels.
 
 The cluster broker (redis_cluster.py) is this broker with one id space per hash tag:
 it overrides the hooks in the "id spaces" section and the client it talks through.
@@ -71,7 +74,17 @@ from redis.exceptions import (
     TryAgainError,
 )
 
-from server.broker.base import Broker, BrokerOptions, EventHandler, Published, PublishRequest
+from server.broker.base import (
+    Broker,
+    BrokerOptions,
+    Disconnect,
+    EventHandler,
+    PresenceChange,
+    PresenceList,
+    PresenceNotice,
+    Published,
+    PublishRequest,
+)
 from server.broker.memory import new_epoch
 from server.broker.redis_keys import (
     PREFIX,
@@ -96,6 +109,7 @@ from server.broker.redis_lua import (
     READ_TOPICS,
     RETAINED,
 )
+from server.broker.redis_presence import SINGLE_WIRE, RedisPresence
 from server.broker.redis_publish import Batches
 from server.errors import BrokerUnavailable, SquallError
 from server.events import Event, EventId
@@ -137,6 +151,7 @@ class SingleShards:
     refresh_every: float = 3600.0
     masters: tuple[str, ...] = ("",)
     covered = True
+    control, notices = SINGLE_WIRE.targets()
 
     def __init__(self, pool: ConnectionPool) -> None:
         self._pool = pool
@@ -170,6 +185,7 @@ class RedisBroker(Broker):
     sharded = False  # channels published with PUBLISH, subscribed with (P)SUBSCRIBE
     idle_ms = 0  # topics are forgotten past max_topics only, never for being idle
     nodes_prefix = PREFIX  # where nodes write their subscriber counts
+    presence_wire = SINGLE_WIRE  # where presence lives (redis_presence.py)
 
     def __init__(self, url: str, options: BrokerOptions) -> None:
         super().__init__(options)
@@ -177,7 +193,11 @@ class RedisBroker(Broker):
         self._client, shards = self._connect(url)
         self._where = url.rsplit("@", maxsplit=1)[-1]
         self._publish_script = self._client.register_script(PUBLISH)
-        self._listener = Listener(shards, self, self._deliver, self._gap, self.options.timeout)
+        self._presence = RedisPresence(self._client, self.node_id, options.presence,
+                                       options.timeout, self, self.presence_wire)
+        self._listener = Listener(shards, self, self._deliver, self._gap, options.timeout,
+                                  on_presence=self._heard_presence,
+                                  on_control=self._presence.control)
         self._batches = Batches(self._send, self.options.timeout, MAX_SCRIPT_EVENTS)
         self._position_waiters: dict[str, list[asyncio.Future[EventId]]] = {}
         self._position_readers: dict[str, asyncio.Task[None]] = {}
@@ -259,7 +279,8 @@ class RedisBroker(Broker):
         """Start listening; waits up to ``options.timeout`` for Redis, then serves anyway."""
         await super().start(on_event)
         self._tasks = [supervise("redis-listener", self._listener.run),
-                       supervise("redis-subscriber-counts", self._report_counts)]
+                       supervise("redis-subscriber-counts", self._report_counts),
+                       supervise("redis-presence", self._presence.run)]
         with contextlib.suppress(TimeoutError):
             async with asyncio.timeout(self.options.timeout):
                 await self._listener.first_sync.wait()
@@ -272,6 +293,7 @@ class RedisBroker(Broker):
         for task in self._tasks:
             await stop(task)
         await self._batches.close()
+        await self._presence.close()
         with contextlib.suppress(*_FAILURES):
             async with asyncio.timeout(min(self.options.timeout, 1.0)):
                 await self._client.delete(node_key(self.node_id, self.nodes_prefix))
@@ -298,6 +320,26 @@ class RedisBroker(Broker):
 
     def _gap(self, name: str) -> None:
         self.on_gap(name)
+
+    def _heard_presence(self, name: str, notices: list[PresenceNotice]) -> None:
+        self.on_presence(name, notices)
+
+    # -- presence and control (redis_presence.py) -----------------------------------------
+
+    async def update_presence(self, changes: Sequence[PresenceChange]) -> None:
+        if self._closed:
+            raise BrokerUnavailable("the broker is closed")
+        await self._presence.apply(changes)
+
+    async def presence(self, name: str, limit: int) -> PresenceList:
+        if self._closed:
+            raise BrokerUnavailable("the broker is closed")
+        return await self._presence.listing(name, limit)
+
+    async def disconnect(self, request: Disconnect) -> None:
+        if self._closed:
+            raise BrokerUnavailable("the broker is closed")
+        await self._presence.disconnect(request)
 
     # -- publishing ----------------------------------------------------------------------
 

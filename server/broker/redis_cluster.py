@@ -75,6 +75,7 @@ from server.broker.redis import MAX_CONNECTIONS, RedisBroker, as_text, describe,
 from server.broker.redis_keys import PREFIX, Space
 from server.broker.redis_listener import Shards, Target
 from server.broker.redis_lua import POSITION, PUBLISH
+from server.broker.redis_presence import CLUSTER_WIRE
 from server.topics import SINGLE, TAIL, is_pattern
 
 log = logging.getLogger("squall.broker.redis")
@@ -135,6 +136,7 @@ class ClusterShards:
 
     fixed_spaces: tuple[str, ...] = ()
     refresh_every: float = MAP_REFRESH
+    control, notices = CLUSTER_WIRE.targets()
 
     def __init__(self, cluster: RedisCluster, connection: dict[str, Any]) -> None:
         self._cluster = cluster
@@ -194,6 +196,7 @@ class RedisClusterBroker(RedisBroker):
     clocked = True
     sharded = True
     nodes_prefix = PREFIX + "{nodes}:"
+    presence_wire = CLUSTER_WIRE
 
     def __init__(self, url: str, options: BrokerOptions) -> None:
         retention = options.retention

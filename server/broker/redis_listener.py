@@ -21,6 +21,14 @@ several spaces) is reported to ``on_gap``; when a space lost its data (a new epo
 or a position behind the watermark), every name of it is, before any event of the
 space is handed on again, so that subscribers learn of the loss first.
 
+Besides events, two kinds of message come in: presence messages (joins and leaves,
+redis_presence.py), on the channels of events on a single Redis, or on the one
+``notices`` channel of a cluster, handed to ``on_presence`` once per node, through
+the subscription of that very name (or, on the notices channel, when some local
+client subscribes the name); and control messages on ``control``, which one session
+subscribes whatever else it does, handed to ``on_control``. Neither is replayed
+after a lost connection.
+
 Health: each connection is pinged whenever it has been quiet for ``HEALTH_INTERVAL``;
 a pong overdue by ``UNREADY_AFTER`` makes the listener unready (``/readyz`` 503)
 until Redis answers, and one overdue by the broker timeout counts as a lost
@@ -45,7 +53,9 @@ from redis.asyncio import ConnectionPool
 from redis.asyncio.client import PubSub
 from redis.exceptions import RedisClusterException, RedisError
 
+from server.broker.base import PresenceHandler
 from server.broker.redis_keys import decode_event
+from server.broker.redis_presence import MARK, decode_presence
 from server.errors import BrokerUnavailable
 from server.events import Event, EventId
 from server.history import Replay
@@ -88,6 +98,9 @@ class Shards(Protocol):
 
     fixed_spaces: tuple[str, ...]  # spaces watched with or without subscribed names
     refresh_every: float  # seconds between reads of the map when nothing changed
+    control: Target  # the control channel, subscribed whatever else is
+    notices: Target | None  # the channel of every name's presence notices; None: each
+    # name's notices come on its own channel or glob
 
     def targets(self, name: str) -> list[Target]:
         """What to subscribe for a topic or pattern."""
@@ -143,12 +156,16 @@ class Listener:
     """Subscriptions, delivery, and recovery after lost connections. IOLoop only."""
 
     def __init__(self, shards: Shards, source: Source, deliver: Callable[[Event], None],
-                 on_gap: Callable[[str], None], timeout: float) -> None:
+                 on_gap: Callable[[str], None], timeout: float,
+                 on_presence: PresenceHandler | None = None,
+                 on_control: Callable[[bytes], None] | None = None) -> None:
         self._shards = shards
         self._source = source
         self._deliver = deliver
         self._on_gap = on_gap
         self._timeout = timeout
+        self._on_presence = on_presence
+        self._on_control = on_control
         self._refs: dict[str, int] = {}
         self._users: dict[bytes, set[str]] = {}  # target -> the names subscribed with it
         self._kinds: dict[bytes, str] = {}
@@ -157,6 +174,11 @@ class Listener:
         self._changed = asyncio.Event()
         self.first_sync = asyncio.Event()
         self.reconnects = 0
+        self._control = shards.control[0]
+        self._notices = shards.notices[0] if shards.notices else None
+        for fixed in (shards.control, shards.notices):
+            if fixed is not None:  # subscribed by no name, and never unsubscribed
+                self._users[fixed[0]], self._kinds[fixed[0]] = set(), fixed[1]
 
     @property
     def ready(self) -> bool:
@@ -434,6 +456,8 @@ class Listener:
         kind = message["type"]
         if kind in ("message", "smessage", "pmessage"):
             target = message["pattern"] if kind == "pmessage" else message["channel"]
+            if self._other(target, message["data"]):
+                return
             if backlog is not None:
                 backlog.append((message["data"], target))
             else:
@@ -446,6 +470,30 @@ class Listener:
             # not asked for: its slot moved to another shard, which must subscribe it
             session.wanted.pop(message["channel"], None)
             self._changed.set()
+
+    def _other(self, target: bytes, payload: bytes) -> bool:
+        """Hand on a control or presence message; False for an event."""
+        if target == self._control:
+            if self._on_control is not None:
+                self._on_control(payload)
+            return True
+        if payload[:1] != MARK:
+            return False
+        found = decode_presence(payload)
+        if found is None:
+            log.warning("ignored a malformed presence message")
+            return True
+        name, notices = found
+        # on a name's own channel or glob (other globs may match its channel too), or
+        # on the one channel of every name's notices
+        mine = name in self._users.get(target, ()) or (
+            target == self._notices and name in self._refs)
+        if mine and self._on_presence is not None:
+            try:
+                self._on_presence(name, notices)
+            except Exception:
+                log.exception("the presence handler failed for %s", name)
+        return True
 
     def _receive(self, payload: bytes, target: bytes) -> None:
         event = decode_event(payload)
