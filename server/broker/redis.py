@@ -126,6 +126,17 @@ COUNTS_INTERVAL = 2.0  # seconds between writes of this node's subscriber counts
 COUNTS_TTL = 3 * COUNTS_INTERVAL
 # RedisClusterException (no master known for a slot, no node answers) is no RedisError
 _FAILURES = (RedisError, RedisClusterException, OSError, TimeoutError)
+
+
+async def run(pipeline: Any, **options: Any) -> list[Any]:
+    """A pipeline's answers. redis-py's cluster pipeline may meet a connection closed
+    under it while the cluster changes and raise AttributeError from inside (its issue
+    3835): that counts as the lost connection it is."""
+    try:
+        answers: list[Any] = await pipeline.execute(**options)
+    except AttributeError as exc:
+        raise ConnectionError(f"the redis connection closed under a pipeline ({exc})") from exc
+    return answers
 _PASSING = (ClusterDownError, TryAgainError)  # what a cluster answers while it fails over
 # Events in one call of the publish script at most, when publishes are grouped.
 MAX_SCRIPT_EVENTS = 1000
@@ -257,7 +268,7 @@ class RedisBroker(Broker):
             pipe.evalsha(self._publish_script.sha, len(keys), *keys, *args)
             pipe.execute_command("WAIT", self.options.wait_replicas,
                                  milliseconds(self.options.timeout))
-            outcome, acked = await pipe.execute(raise_on_error=False)
+            outcome, acked = await run(pipe, raise_on_error=False)
             if not isinstance(outcome, NoScriptError):
                 return self._confirmed(outcome, acked)
             await self._client.script_load(PUBLISH)
@@ -462,7 +473,7 @@ class RedisBroker(Broker):
         for space in spaces:
             reads.eval(READ_TOPICS, 3, space.meta, space.by_seq, space.gone, 1)
         wanted = [(space, _meta(raw_meta, now), as_text(topic)) for space, (raw_meta, now, rows, _)
-                  in zip(spaces, await reads.execute(), strict=True)
+                  in zip(spaces, await run(reads), strict=True)
                   for topic in rows[::2] if matches(pattern, as_text(topic))]
         streams: list[list[Event]] = []
         for at in range(0, len(wanted), READ_CHUNK):
@@ -470,7 +481,7 @@ class RedisBroker(Broker):
             reads = self._client.pipeline(transaction=False)
             for space, _, topic in chunk:
                 reads.xrange(space.stream(topic), min="-", max="+", count=keep)
-            for (_, meta, _), entries in zip(chunk, await reads.execute(), strict=True):
+            for (_, meta, _), entries in zip(chunk, await run(reads), strict=True):
                 streams.append(self._after(_entries(entries), meta, False, 0, 0) or [])
             if sum(map(len, streams)) > keep:
                 streams = [oldest(streams, keep)]
@@ -513,7 +524,7 @@ class RedisBroker(Broker):
             reads = self._client.pipeline(transaction=False)
             for topic, _ in chunk:
                 reads.xrange(space.stream(topic), min=f"{after + 1}-0", max="+", count=keep)
-            for (_, last_seq), entries in zip(chunk, await reads.execute(), strict=True):
+            for (_, last_seq), entries in zip(chunk, await run(reads), strict=True):
                 events = self._after(_entries(entries), meta, check, after, last_seq)
                 if events is None:
                     return meta, None
@@ -588,7 +599,7 @@ class RedisBroker(Broker):
         reads = self._client.pipeline(transaction=False)
         for space in spaces:
             reads.eval(POSITION, 4, *space.indexes, self._new_epoch(space))
-        found = await reads.execute()
+        found = await run(reads)
         return {space.name: EventId(as_text(epoch), int(seq))
                 for space, (epoch, seq) in zip(spaces, found, strict=True)}
 
@@ -607,7 +618,7 @@ class RedisBroker(Broker):
             reads = self._client.pipeline(transaction=False)
             for space, names in chunks:
                 reads.eval(READ_LAST, 3, space.meta, space.by_seq, space.by_ts, *names)
-            found = await reads.execute()
+            found = await run(reads)
         ttl = milliseconds(self.options.retention.ttl)
         last: dict[str, str] = {}
         for (_, names), (raw_meta, now, seqs, stamps) in zip(chunks, found, strict=True):
@@ -624,7 +635,7 @@ class RedisBroker(Broker):
             reads = self._client.pipeline(transaction=False)
             for space in await self._listed_spaces():
                 reads.eval(RETAINED, 1, space.by_ts, ttl)
-            found = await reads.execute()
+            found = await run(reads)
         return [as_text(topic) for topics in found for topic in topics]
 
     @contextlib.asynccontextmanager
@@ -665,7 +676,7 @@ class RedisBroker(Broker):
             reads = self._client.pipeline(transaction=False)
             for member in others:
                 reads.hgetall(node_key(member, self.nodes_prefix))
-            written = await reads.execute() if others else []
+            written = await run(reads) if others else []
         gone = [member for member, counts in zip(others, written, strict=True) if not counts]
         for counts in written:
             _add_counts(totals, topics, {key.decode(): int(value)

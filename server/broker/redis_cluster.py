@@ -71,7 +71,14 @@ from redis.exceptions import (
 
 from server.broker.base import BrokerOptions, EventHandler
 from server.broker.memory import new_epoch
-from server.broker.redis import MAX_CONNECTIONS, RedisBroker, as_text, describe, milliseconds
+from server.broker.redis import (
+    MAX_CONNECTIONS,
+    RedisBroker,
+    as_text,
+    describe,
+    milliseconds,
+    run,
+)
 from server.broker.redis_keys import PREFIX, Space
 from server.broker.redis_listener import Shards, Target
 from server.broker.redis_lua import POSITION, PUBLISH
@@ -292,7 +299,7 @@ class RedisClusterBroker(RedisBroker):
             reads = self._cluster.pipeline(transaction=False)
             for space in spaces:
                 reads.exists(space.meta)
-            if any(await reads.execute()):
+            if any(await run(reads)):
                 await self._cluster.set(FAMILY, "", nx=True)  # each slot keeps its own
                 return
         await self._cluster.set(FAMILY, new_epoch(), nx=True)  # one family, if two start
@@ -303,7 +310,7 @@ class RedisClusterBroker(RedisBroker):
         writes = self._cluster.pipeline(transaction=False)
         for slot, space in enumerate(spaces):
             writes.execute_command("EVALSHA", sha, 4, *space.indexes, f"{family}.{slot:x}")
-        await writes.execute()
+        await run(writes)
 
     async def _disconnect(self) -> None:
         await self._cluster_shards.close()
@@ -326,8 +333,8 @@ class RedisClusterBroker(RedisBroker):
                                  target_nodes=node)
             pipe.execute_command("WAIT", self.options.wait_replicas,
                                  milliseconds(self.options.timeout), target_nodes=node)
-            outcome, acked = (await pipe.execute(raise_on_error=False,
-                                                 allow_redirections=False))[-2:]
+            outcome, acked = (await run(pipe, raise_on_error=False,
+                                        allow_redirections=False))[-2:]
             asking = None
             if isinstance(outcome, AskError):
                 asking = self._cluster.get_node(host=outcome.host, port=outcome.port)
