@@ -66,7 +66,7 @@ def nodes(cluster_url: str, io_loop: IOLoop) -> Iterator[Any]:
         for broker in made:
             await broker.close()
 
-    io_loop.run_sync(close_all)
+    io_loop.run_sync(close_all, timeout=60)
 
 
 async def admin(node: Any) -> Redis:

@@ -309,8 +309,10 @@ class RedisBroker(Broker):
             async with asyncio.timeout(min(self.options.timeout, 1.0)):
                 await self._client.delete(node_key(self.node_id, self.nodes_prefix))
                 await self._client.srem(self._nodes, self.node_id)
-        await self._client.aclose()
-        await self._disconnect()
+        for step in (self._client.aclose, self._disconnect):
+            with contextlib.suppress(*_FAILURES):  # bounded: a peer may have stopped reading
+                async with asyncio.timeout(self.options.timeout):
+                    await step()
 
     async def _disconnect(self) -> None:
         await self._pool.disconnect()

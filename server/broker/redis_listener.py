@@ -396,7 +396,8 @@ class Listener:
             session.pubsub = None
             _release(session.acks)
             with contextlib.suppress(*_FAILURES):
-                await pubsub.aclose()  # type: ignore[no-untyped-call]
+                async with asyncio.timeout(self._timeout):  # a peer that stopped reading
+                    await pubsub.aclose()  # type: ignore[no-untyped-call]
 
     def _spaces_on(self, shard: str) -> list[str]:
         spaces = {*self._shards.fixed_spaces, *self._marks}
