@@ -17,9 +17,9 @@ from __future__ import annotations
 from typing import Any
 
 from handlers.base import ApiHandler
+from handlers.publish import decode_body
 from server.auth import Forbidden, Unauthorized
 from server.broker.base import Disconnect
-from server.codec import media_codec
 from server.errors import SquallError
 from server.presence import MAX_LIST
 from server.topics import InvalidTopic, validate_pattern
@@ -28,7 +28,7 @@ DEFAULT_CODE = 4010
 MAX_REASON_BYTES = 123
 MAX_BODY_BYTES = 4096
 _FIELDS = ("sub", "client", "code", "reason")
-EXPECTED = 'send {"sub": "alice"} or {"client": "c-..."}, with "code" and "reason" if wanted'
+EXPECTED = '{"sub": "alice"} or {"client": "c-..."}, with "code" and "reason" if wanted'
 
 
 class DisconnectHandler(ApiHandler):
@@ -45,29 +45,19 @@ class DisconnectHandler(ApiHandler):
         if len(body) > MAX_BODY_BYTES:
             raise SquallError("payload_too_large", f"the body is larger than "
                               f"{MAX_BODY_BYTES} bytes")
-        content_type = self.request.headers.get("Content-Type")
-        codec = media_codec(content_type)
-        if codec is None:
-            raise SquallError("unsupported_media_type", f"Content-Type {content_type!r:.80} is "
-                              "not supported; send application/json or application/msgpack")
-        if not body or not (codec.binary or body.strip()):
-            raise SquallError("invalid_body", f"the body is empty; {EXPECTED}")
-        try:
-            return codec.loads(body)
-        except SquallError as exc:
-            raise SquallError(exc.code, f"{exc.message}; {EXPECTED}") from None
+        return decode_body(self.request.headers.get("Content-Type"), body, EXPECTED)[0]
 
 
 def parse_disconnect(body: Any) -> Disconnect:
     """The request in a decoded body; ``invalid_body`` saying what is wrong."""
     if not isinstance(body, dict):
-        raise SquallError("invalid_body", f"the body must be an object; {EXPECTED}")
+        raise SquallError("invalid_body", f"the body must be an object; send {EXPECTED}")
     unknown = sorted(str(key)[:40] for key in body if key not in _FIELDS)
     if unknown:
-        raise SquallError("invalid_body", f"unknown fields {unknown}; {EXPECTED}")
+        raise SquallError("invalid_body", f"unknown fields {unknown}; send {EXPECTED}")
     targets = [key for key in ("sub", "client") if key in body]
     if len(targets) != 1:
-        raise SquallError("invalid_body", f"give exactly one of sub and client; {EXPECTED}")
+        raise SquallError("invalid_body", f"give exactly one of sub and client; send {EXPECTED}")
     target = body[targets[0]]
     if not isinstance(target, str) or not 0 < len(target) <= 1024:
         raise SquallError("invalid_body", f"{targets[0]} must be a string of 1 to 1024 "
