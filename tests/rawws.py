@@ -14,6 +14,21 @@ from typing import Any
 TIMEOUT = 10.0
 
 
+async def open_stream(port: int, rcvbuf: int | None = None,
+                      local_addr: str | None = None) -> tuple[asyncio.StreamReader,
+                                                             asyncio.StreamWriter]:
+    """A TCP connection to the server on ``port``, from ``local_addr`` if given."""
+    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    if rcvbuf is not None:  # before connect, so the window stays small
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, rcvbuf)
+    if local_addr is not None:
+        sock.bind((local_addr, 0))
+    sock.setblocking(False)
+    await asyncio.get_running_loop().sock_connect(sock, ("127.0.0.1", port))
+    # a small limit: asyncio stops reading the socket once 2 * limit bytes wait unread
+    return await asyncio.open_connection(sock=sock, limit=16 * 1024)
+
+
 class RawSocket:
     def __init__(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         self.reader = reader
@@ -22,14 +37,8 @@ class RawSocket:
     @classmethod
     async def connect(cls, port: int, path: str = "/v1/ws",
                       headers: dict[str, str] | None = None,
-                      rcvbuf: int | None = None) -> RawSocket:
-        sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-        if rcvbuf is not None:  # before connect, so the window stays small
-            sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, rcvbuf)
-        sock.setblocking(False)
-        await asyncio.get_running_loop().sock_connect(sock, ("127.0.0.1", port))
-        # a small limit: asyncio stops reading the socket once 2 * limit bytes wait unread
-        reader, writer = await asyncio.open_connection(sock=sock, limit=16 * 1024)
+                      rcvbuf: int | None = None, local_addr: str | None = None) -> RawSocket:
+        reader, writer = await open_stream(port, rcvbuf, local_addr)
         key = base64.b64encode(os.urandom(16)).decode()
         lines = [f"GET {path} HTTP/1.1", f"Host: 127.0.0.1:{port}", "Upgrade: websocket",
                  "Connection: Upgrade", f"Sec-WebSocket-Key: {key}",

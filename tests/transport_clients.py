@@ -13,13 +13,11 @@ raises ``HttpRefused`` with its status and JSON body.
 from __future__ import annotations
 
 import asyncio
-import base64
 import json
-import os
-import socket
-import struct
 from typing import Any
 from urllib.parse import urlencode
+
+from tests.rawws import RawSocket, close_code, open_stream
 
 TIMEOUT = 10.0
 KINDS = ("ws", "sse", "tcp")
@@ -34,20 +32,6 @@ class HttpRefused(Exception):
     @property
     def code(self) -> str:
         return str(self.body["error"]["code"])
-
-
-async def open_stream(port: int, rcvbuf: int | None = None,
-                      local_addr: str | None = None) -> tuple[asyncio.StreamReader,
-                                                             asyncio.StreamWriter]:
-    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-    if rcvbuf is not None:  # before connect, so the window stays small
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, rcvbuf)
-    if local_addr is not None:
-        sock.bind((local_addr, 0))
-    sock.setblocking(False)
-    await asyncio.get_running_loop().sock_connect(sock, ("127.0.0.1", port))
-    # a small limit: asyncio stops reading the socket once 2 * limit bytes wait unread
-    return await asyncio.open_connection(sock=sock, limit=16 * 1024)
 
 
 class TransportClient:
@@ -97,49 +81,31 @@ class TransportClient:
 class WsClient(TransportClient):
     kind = "ws"
 
+    def __init__(self, raw: RawSocket) -> None:
+        super().__init__(raw.reader, raw.writer)
+        self.raw = raw
+
     @classmethod
     async def connect(cls, port: int, topics: tuple[str, ...] = (), since: str | None = None,
                       token: str | None = None, **options: Any) -> WsClient:
-        reader, writer = await open_stream(port, **options)
         query = [("topic", topic) for topic in topics if since is None]
         query += [("token", token)] if token else []
-        key = base64.b64encode(os.urandom(16)).decode()
         path = "/v1/ws" + (f"?{urlencode(query)}" if query else "")
-        writer.write((f"GET {path} HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\nUpgrade: websocket\r\n"
-                      f"Connection: Upgrade\r\nSec-WebSocket-Key: {key}\r\n"
-                      "Sec-WebSocket-Version: 13\r\n\r\n").encode())
-        head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), TIMEOUT)
-        assert head.split(b" ", 2)[1] == b"101", head
-        client = cls(reader, writer)
+        client = cls(await RawSocket.connect(port, path, **options))
         if since is not None:
             for topic in topics:
                 await client.send({"type": "subscribe", "topic": topic, "since": since})
         return client
 
     async def send(self, frame: dict[str, Any]) -> None:
-        payload = json.dumps(frame).encode()
-        mask = os.urandom(4)
-        length = len(payload)
-        if length < 126:
-            header = struct.pack("!BB", 0x81, 0x80 | length)
-        else:
-            header = struct.pack("!BBH", 0x81, 0x80 | 126, length)
-        masked = bytes(byte ^ mask[index % 4] for index, byte in enumerate(payload))
-        self.writer.write(header + mask + masked)
+        self.raw.send_json(frame)
 
     async def recv(self, timeout: float = TIMEOUT) -> dict[str, Any]:
         while True:
-            first, second = await asyncio.wait_for(self.reader.readexactly(2), timeout)
-            length = second & 0x7F
-            if length == 126:
-                (length,) = struct.unpack("!H", await self.reader.readexactly(2))
-            elif length == 127:
-                (length,) = struct.unpack("!Q", await self.reader.readexactly(8))
-            payload = await self.reader.readexactly(length)
-            opcode = first & 0x0F
+            opcode, payload = await self.raw.read_frame(timeout)
             if opcode == 0x8:
-                code = struct.unpack("!H", payload[:2])[0] if len(payload) >= 2 else None
-                return {"type": "close", "code": code, "reason": payload[2:].decode()}
+                return {"type": "close", "code": close_code(payload),
+                        "reason": payload[2:].decode()}
             if opcode in (0x1, 0x2):
                 value: dict[str, Any] = json.loads(payload)
                 return value

@@ -91,11 +91,14 @@ from server.broker.redis_keys import (
     SINGLE_SPACE,
     Space,
     StreamEntry,
+    as_text,
     channel,
     decode_entry,
+    describe,
     encode_data,
     encode_head,
     glob,
+    milliseconds,
     node_key,
 )
 from server.broker.redis_listener import Listener, Shards, Target
@@ -770,18 +773,3 @@ def _data(index: int, data: Any) -> bytes:
     except ValueError as exc:
         raise SquallError("invalid_body",
                           f"events[{index}]: data cannot be published: {exc}") from None
-
-
-def milliseconds(seconds: float) -> int:
-    """``seconds`` in whole milliseconds, at least 1; 0 stays 0 (none)."""
-    return max(1, int(seconds * 1000)) if seconds > 0 else 0
-
-
-def as_text(value: Any) -> str:
-    """A reply from Redis (bytes, or already text) as text."""
-    return value.decode() if isinstance(value, bytes) else str(value)
-
-
-def describe(exc: BaseException) -> str:
-    """An exception for a log line: its type, and its message when it has one."""
-    return f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__

@@ -71,15 +71,8 @@ from redis.exceptions import (
 
 from server.broker.base import BrokerOptions, EventHandler
 from server.broker.memory import new_epoch
-from server.broker.redis import (
-    MAX_CONNECTIONS,
-    RedisBroker,
-    as_text,
-    describe,
-    milliseconds,
-    run,
-)
-from server.broker.redis_keys import PREFIX, Space
+from server.broker.redis import MAX_CONNECTIONS, RedisBroker, run
+from server.broker.redis_keys import PREFIX, Space, as_text, describe, milliseconds
 from server.broker.redis_listener import Shards, Target
 from server.broker.redis_lua import POSITION, PUBLISH
 from server.broker.redis_presence import CLUSTER_WIRE

@@ -148,3 +148,18 @@ def decode_entry(fields: dict[bytes, bytes]) -> StreamEntry | None:
     if event is None or not prev.isdigit():
         return None
     return StreamEntry(event, int(prev))
+
+
+def milliseconds(seconds: float) -> int:
+    """``seconds`` in whole milliseconds, at least 1; 0 stays 0 (none)."""
+    return max(1, int(seconds * 1000)) if seconds > 0 else 0
+
+
+def as_text(value: Any) -> str:
+    """A reply from Redis (bytes, or already text) as text."""
+    return value.decode() if isinstance(value, bytes) else str(value)
+
+
+def describe(exc: BaseException) -> str:
+    """An exception for a log line: its type, and its message when it has one."""
+    return f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__

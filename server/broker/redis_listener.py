@@ -54,7 +54,7 @@ from redis.asyncio.client import PubSub
 from redis.exceptions import RedisClusterException, RedisError
 
 from server.broker.base import PresenceHandler
-from server.broker.redis_keys import decode_event
+from server.broker.redis_keys import decode_event, describe
 from server.broker.redis_presence import MARK, decode_presence
 from server.errors import BrokerUnavailable
 from server.events import Event, EventId
@@ -254,7 +254,7 @@ class Listener:
                                              for target, kind in targets])
             await asyncio.gather(*(ack for _, _, ack in waits))
         except _FAILURES as exc:
-            log.debug("redis subscribe to %s not confirmed: %s", name, _describe(exc))
+            log.debug("redis subscribe to %s not confirmed: %s", name, describe(exc))
             raise BrokerUnavailable("the broker did not confirm the subscribe") from None
         finally:
             for session, target, ack in waits:
@@ -280,7 +280,7 @@ class Listener:
                 async with asyncio.timeout(self._timeout):
                     await _send(session.pubsub, commands)
             except _FAILURES as exc:
-                log.warning("redis unsubscribe from %s failed: %s", name, _describe(exc))
+                log.warning("redis unsubscribe from %s failed: %s", name, describe(exc))
 
     def _forget(self, name: str) -> list[Target]:
         """Count one subscriber of ``name`` out; the targets nobody uses any more, if it
@@ -332,7 +332,7 @@ class Listener:
             async with asyncio.timeout(self._timeout):
                 await self._shards.refresh()
         except _FAILURES as exc:
-            log.debug("reading the redis cluster map failed: %s", _describe(exc))
+            log.debug("reading the redis cluster map failed: %s", describe(exc))
         masters = set(self._shards.masters)
         for shard in [shard for shard in self._sessions if shard not in masters]:
             await stop(self._sessions.pop(shard).task)
@@ -366,7 +366,7 @@ class Listener:
                     held = reports.take_held()
                     where = f" from {session.shard}" if session.shard else ""
                     log.warning("redis listener lost its connection%s (%s); reconnecting "
-                                "every %.2fs at most%s", where, _describe(exc), MAX_BACKOFF,
+                                "every %.2fs at most%s", where, describe(exc), MAX_BACKOFF,
                                 f" ({held} more failed attempts)" if held else "")
             self._changed.set()
             await asyncio.sleep(delay)
@@ -609,7 +609,3 @@ def _release(acks: dict[bytes, list[asyncio.Future[None]]]) -> None:
 
 def _seq(event: Event) -> int:
     return event.seq
-
-
-def _describe(exc: BaseException) -> str:
-    return f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__

@@ -58,7 +58,7 @@ from server.broker.base import (
     PresenceNotice,
     PresenceOptions,
 )
-from server.broker.redis_keys import PREFIX, SINGLE_SPACE
+from server.broker.redis_keys import PREFIX, SINGLE_SPACE, as_text, describe, milliseconds
 from server.broker.redis_presence_lua import APPLY, LIST, LIVE, REAP, REFRESH, SWEEP, VACATE
 from server.errors import BrokerUnavailable
 from server.logs import Throttle
@@ -166,9 +166,9 @@ class RedisPresence:
         self.options = options
         self.timeout = timeout
         self.interval = max(options.ttl / 4, 0.05)
-        self.keep = _ms(2 * options.ttl)
-        self.alive = _ms(options.ttl - self.interval)
-        self.debounce = _ms(options.debounce)
+        self.keep = milliseconds(2 * options.ttl)
+        self.alive = milliseconds(options.ttl - self.interval)
+        self.debounce = milliseconds(options.debounce)
         self._client = client
         self._listeners = listeners
         self._apply = client.register_script(APPLY)
@@ -208,7 +208,7 @@ class RedisPresence:
         base = self.wire.name_keys(name)
         async with self._answer("presence list"):
             nodes = await self._live(keys=[base + "nodes"])
-            count, raw = (await self._list(keys=[base + "node:" + _text(node) for node in nodes],
+            count, raw = (await self._list(keys=[base + "node:" + as_text(node) for node in nodes],
                                            args=[limit]) if nodes else (0, []))
         entries = []
         for entry in raw:
@@ -266,7 +266,7 @@ class RedisPresence:
                     await self._sweep()
             except _FAILURES as exc:
                 self._contact_since = None
-                self._failed(f"presence refresh: {_describe(exc)}")
+                self._failed(f"presence refresh: {describe(exc)}")
             await asyncio.sleep(self.interval)
 
     async def _refresh(self, names: list[str]) -> None:
@@ -278,7 +278,7 @@ class RedisPresence:
                 keys += self.wire.of(name, self.node_id)
             found = await self._refresh_script(keys=keys, args=[self.node_id, self.keep,
                                                                 self.alive, *chunk])
-            lost += [_text(name) for name in found]
+            lost += [as_text(name) for name in found]
         if lost:
             log.info("presence entries of %d names were gone from redis; writing them again",
                      len(lost))
@@ -288,11 +288,11 @@ class RedisPresence:
         async with asyncio.timeout(self.timeout):
             dead, due = await self._sweep_script(keys=[self._nodes, self._vacating],
                                                  args=[SWEEP_MOST])
-        for node in (_text(node) for node in dead):
+        for node in (as_text(node) for node in dead):
             if node != self.node_id:
                 await self._reap(node)
         if due:
-            await self._vacate([_text(name) for name in due])
+            await self._vacate([as_text(name) for name in due])
 
     async def _reap(self, node: str) -> None:
         """Clean up after a dead node, if this one takes its lock first."""
@@ -307,7 +307,7 @@ class RedisPresence:
         while True:
             async with asyncio.timeout(self.timeout):
                 cursor, found = await self._client.sscan(names_key, cursor, count=REAP_CHUNK)
-                names = [_text(name) for name in found]
+                names = [as_text(name) for name in found]
                 if names:
                     packed = msgpack.packb([[name, int(self.options.announces(name))]
                                             for name in names], use_bin_type=False)
@@ -331,15 +331,15 @@ class RedisPresence:
                 keys += self.wire.of(name, self.node_id)[1:]
             vacated, waiting = await self._vacate_script(keys=keys, args=[self.keep, *names])
         for name in vacated:
-            self._listeners.on_lifecycle(_text(name), VACATED)
+            self._listeners.on_lifecycle(as_text(name), VACATED)
         for name, left in zip(waiting[::2], waiting[1::2], strict=True):
-            self._check_later(_text(name), int(left) / 1000)
+            self._check_later(as_text(name), int(left) / 1000)
 
     # -- lifecycle timers ------------------------------------------------------------------
 
     def _decided(self, decided: list[Any]) -> None:
         for raw_name, raw_decision in zip(decided[::2], decided[1::2], strict=True):
-            name, decision = _text(raw_name), _text(raw_decision)
+            name, decision = as_text(raw_name), as_text(raw_decision)
             if decision == "vacating":
                 self._check_later(name, self.options.debounce)
             else:
@@ -365,7 +365,7 @@ class RedisPresence:
             return
         exc = task.exception()
         if isinstance(exc, _FAILURES):  # the sweep finishes it
-            self._failed(f"presence debounce: {_describe(exc)}")
+            self._failed(f"presence debounce: {describe(exc)}")
         elif exc is not None:
             log.error("a presence debounce check failed", exc_info=exc)
 
@@ -384,17 +384,5 @@ class RedisPresence:
             async with asyncio.timeout(self.timeout):
                 yield
         except _FAILURES as exc:
-            self._failed(f"{what}: {_describe(exc)}")
+            self._failed(f"{what}: {describe(exc)}")
             raise BrokerUnavailable(f"the broker did not answer ({what})") from None
-
-
-def _ms(seconds: float) -> int:
-    return max(1, int(seconds * 1000)) if seconds > 0 else 0
-
-
-def _text(value: Any) -> str:
-    return value.decode() if isinstance(value, bytes) else str(value)
-
-
-def _describe(exc: BaseException) -> str:
-    return f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__
