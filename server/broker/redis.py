@@ -58,7 +58,7 @@ import logging
 import os
 import secrets
 import socket
-from collections.abc import AsyncIterator, Iterable, Mapping, Sequence
+from collections.abc import AsyncIterator, Coroutine, Iterable, Mapping, Sequence
 from typing import Any, NamedTuple
 
 import msgpack
@@ -68,8 +68,6 @@ from redis.backoff import NoBackoff
 from redis.exceptions import (
     ClusterDownError,
     NoScriptError,
-    RedisClusterException,
-    RedisError,
     ResponseError,
     TryAgainError,
 )
@@ -87,6 +85,7 @@ from server.broker.base import (
 )
 from server.broker.memory import new_epoch
 from server.broker.redis_keys import (
+    FAILURES,
     PREFIX,
     SINGLE_SPACE,
     Space,
@@ -128,7 +127,6 @@ MAX_CONNECTIONS = 64  # command connections per process; publishes beyond wait t
 COUNTS_INTERVAL = 2.0  # seconds between writes of this node's subscriber counts
 COUNTS_TTL = 3 * COUNTS_INTERVAL
 # RedisClusterException (no master known for a slot, no node answers) is no RedisError
-_FAILURES = (RedisError, RedisClusterException, OSError, TimeoutError)
 
 
 async def run(pipeline: Any, **options: Any) -> list[Any]:
@@ -216,6 +214,7 @@ class RedisBroker(Broker):
         self._position_waiters: dict[str, list[asyncio.Future[EventId]]] = {}
         self._position_readers: dict[str, asyncio.Task[None]] = {}
         self._tasks: list[asyncio.Task[None]] = []
+        self._chores: set[asyncio.Task[None]] = set()  # see _chore
         self._failed_at: float | None = None  # a publish failed: not ready until Redis answers
         self._failures = Throttle(LOG_EVERY)
         self._closed = False
@@ -270,12 +269,19 @@ class RedisBroker(Broker):
             pipe = self._client.pipeline(transaction=False)
             pipe.evalsha(self._publish_script.sha, len(keys), *keys, *args)
             pipe.execute_command("WAIT", self.options.wait_replicas,
-                                 milliseconds(self.options.timeout))
+                                 self.wait_ms)
             outcome, acked = await run(pipe, raise_on_error=False)
             if not isinstance(outcome, NoScriptError):
                 return self._confirmed(outcome, acked)
             await self._client.script_load(PUBLISH)
         raise NoScriptError("the publish script could not be loaded")
+
+    @property
+    def wait_ms(self) -> int:
+        """How long a WAIT may take: within the publish's timeout, with room for the
+        script before it and the answer after, so that too few replicas are told as
+        such (a 503 saying so) rather than by the timeout."""
+        return milliseconds(self.options.timeout * 0.8)
 
     def _confirmed(self, outcome: Any, acked: Any) -> Any:
         """The script's outcome, once enough replicas acknowledged it."""
@@ -304,16 +310,16 @@ class RedisBroker(Broker):
 
     async def close(self) -> None:
         self._closed = True
-        for task in self._tasks:
+        for task in [*self._tasks, *self._chores]:
             await stop(task)
         await self._batches.close()
         await self._presence.close()
-        with contextlib.suppress(*_FAILURES):
+        with contextlib.suppress(*FAILURES):
             async with asyncio.timeout(min(self.options.timeout, 1.0)):
                 await self._client.delete(node_key(self.node_id, self.nodes_prefix))
                 await self._client.srem(self._nodes, self.node_id)
         for step in (self._client.aclose, self._disconnect):
-            with contextlib.suppress(*_FAILURES):  # bounded: a peer may have stopped reading
+            with contextlib.suppress(*FAILURES):  # bounded: a peer may have stopped reading
                 async with asyncio.timeout(self.options.timeout):
                     await step()
 
@@ -389,16 +395,22 @@ class RedisBroker(Broker):
         try:
             async with asyncio.timeout(self.options.timeout):
                 outcomes, forgotten = await self._run_publish(space, keys, args)
-        except _FAILURES as exc:
+        except FAILURES as exc:
             self._failed_at = asyncio.get_running_loop().time()
             unexpected = isinstance(exc, ResponseError) and not isinstance(exc, _PASSING)
             self._failed(f"publish: {describe(exc)}",
                          logging.ERROR if unexpected else logging.WARNING)
             raise BrokerUnavailable() from None
         self._failed_at = None
-        if forgotten:
-            await self._forget(space, [as_text(topic) for topic in forgotten])
+        if forgotten:  # after the answer: the publish is done, the streams expire anyway
+            self._chore(self._forget(space, [as_text(topic) for topic in forgotten]))
         return list(outcomes)
+
+    def _chore(self, work: Coroutine[Any, Any, None]) -> None:
+        """Run housekeeping that no answer waits for (it bounds and logs its failures)."""
+        task = asyncio.get_running_loop().create_task(work)
+        self._chores.add(task)
+        task.add_done_callback(self._chores.discard)
 
     def _script_input(self, space: Space, events: list[Any]) -> tuple[list[Any], list[Any]]:
         """KEYS (every key the call touches) and ARGV of the publish script."""
@@ -432,7 +444,7 @@ class RedisBroker(Broker):
             async with asyncio.timeout(self.options.timeout):
                 await self._client.eval(FORGET, len(topics) + 1, space.gone,
                                         *map(space.stream, topics), *topics)
-        except _FAILURES as exc:  # they expire with the history ttl
+        except FAILURES as exc:  # they expire with the history ttl
             self._failed(f"deleting the history of forgotten topics: {describe(exc)}")
 
     # -- history ---------------------------------------------------------------------------
@@ -586,7 +598,7 @@ class RedisBroker(Broker):
                 try:
                     async with asyncio.timeout(self.options.timeout):
                         found = (await self._read_positions([space]))[space.name]
-                except _FAILURES as exc:
+                except FAILURES as exc:
                     self._failed(f"position: {describe(exc)}")
                     _settle(waiters, BrokerUnavailable("the broker did not answer (position)"))
                     continue
@@ -597,8 +609,9 @@ class RedisBroker(Broker):
 
     async def positions(self, spaces: Sequence[str]) -> dict[str, EventId]:
         """The newest id of each named space, in one round trip per shard (for the
-        listener, which reads them before it subscribes)."""
-        return await self._read_positions([self._space_named(name) for name in spaces])
+        listener, which reads them before it subscribes); ``BrokerUnavailable``."""
+        async with self._answer("position"):
+            return await self._read_positions([self._space_named(name) for name in spaces])
 
     async def _read_positions(self, spaces: Sequence[Space]) -> dict[str, EventId]:
         reads = self._client.pipeline(transaction=False)
@@ -651,7 +664,7 @@ class RedisBroker(Broker):
         try:
             async with asyncio.timeout(self.options.timeout):
                 yield
-        except _FAILURES as exc:
+        except FAILURES as exc:
             self._failed(f"{what}: {describe(exc)}")
             raise BrokerUnavailable(f"the broker did not answer ({what})") from None
 
@@ -687,7 +700,7 @@ class RedisBroker(Broker):
             _add_counts(totals, topics, {key.decode(): int(value)
                                          for key, value in counts.items()})
         if gone:  # nodes that stopped reporting: forget them
-            with contextlib.suppress(*_FAILURES):
+            with contextlib.suppress(*FAILURES):
                 async with asyncio.timeout(self.options.timeout):
                     await self._client.srem(self._nodes, *gone)
         return totals
@@ -699,7 +712,7 @@ class RedisBroker(Broker):
             try:
                 async with asyncio.timeout(self.options.timeout):
                     await self._write_counts()
-            except _FAILURES as exc:
+            except FAILURES as exc:
                 log.debug("writing subscriber counts to redis failed: %s", describe(exc))
 
     async def _write_counts(self) -> None:

@@ -64,7 +64,6 @@ from redis.exceptions import (
     AskError,
     MovedError,
     NoScriptError,
-    RedisClusterException,
     RedisError,
     TryAgainError,
 )
@@ -72,7 +71,7 @@ from redis.exceptions import (
 from server.broker.base import BrokerOptions, EventHandler
 from server.broker.memory import new_epoch
 from server.broker.redis import MAX_CONNECTIONS, RedisBroker, run
-from server.broker.redis_keys import PREFIX, Space, as_text, describe, milliseconds
+from server.broker.redis_keys import FAILURES, PREFIX, Space, as_text, describe
 from server.broker.redis_listener import Shards, Target
 from server.broker.redis_lua import POSITION, PUBLISH
 from server.broker.redis_presence import CLUSTER_WIRE
@@ -241,8 +240,9 @@ class RedisClusterBroker(RedisBroker):
         return [slot_spaces()[int(as_text(slot))] for slot in slots]
 
     async def _send(self, space: Space, events: list[Any]) -> list[Any]:
-        outcomes = await super()._send(space, events)
-        await self._list(space)
+        """The group's outcomes, the slot noted in LISTED meanwhile (see _listed_spaces)."""
+        outcomes: list[Any]
+        outcomes, _ = await asyncio.gather(super()._send(space, events), self._list(space))
         return outcomes
 
     async def _list(self, space: Space) -> None:
@@ -252,7 +252,7 @@ class RedisClusterBroker(RedisBroker):
         try:
             async with asyncio.timeout(self.options.timeout):
                 await self._cluster.zadd(LISTED, {space.name: int(time.time() * 1000)})
-        except (RedisError, RedisClusterException, OSError, TimeoutError) as exc:  # again next time
+        except FAILURES as exc:  # again next time
             log.warning("noting a published slot failed: %s", exc)
             return
         self._listed[int(space.name)] = now
@@ -276,7 +276,7 @@ class RedisClusterBroker(RedisBroker):
         try:
             async with asyncio.timeout(self.options.timeout):
                 await self._give_epochs()
-        except (RedisError, RedisClusterException, OSError, TimeoutError) as exc:
+        except FAILURES as exc:
             log.warning("redis cluster at %s did not answer in time (%s); slots without "
                         "an epoch start their own", self._where, describe(exc))
         await super().start(on_event)
@@ -325,7 +325,7 @@ class RedisClusterBroker(RedisBroker):
             pipe.execute_command("EVALSHA", self._publish_script.sha, len(keys), *keys, *args,
                                  target_nodes=node)
             pipe.execute_command("WAIT", self.options.wait_replicas,
-                                 milliseconds(self.options.timeout), target_nodes=node)
+                                 self.wait_ms, target_nodes=node)
             outcome, acked = (await run(pipe, raise_on_error=False,
                                         allow_redirections=False))[-2:]
             asking = None

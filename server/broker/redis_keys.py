@@ -17,6 +17,7 @@ from __future__ import annotations
 from typing import Any, NamedTuple
 
 import msgpack
+from redis.exceptions import RedisClusterException, RedisError
 
 from server.codec import MAX_DEPTH, check_value, dump_msgpack
 from server.errors import SquallError
@@ -24,6 +25,9 @@ from server.events import Event, EventId
 from server.topics import SINGLE, TAIL
 
 PREFIX = "squall:"
+# What a failing Redis (or cluster) raises: each is the broker being unavailable, never
+# a bug (RedisClusterException is not a RedisError)
+FAILURES = (RedisError, RedisClusterException, OSError, TimeoutError)
 NODES = PREFIX + "nodes"  # set of node ids that report subscriber counts (single Redis)
 
 _ARRAY_OF_FOUR = b"\x94"

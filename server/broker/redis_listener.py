@@ -51,10 +51,9 @@ from typing import Any, Protocol
 
 from redis.asyncio import ConnectionPool
 from redis.asyncio.client import PubSub
-from redis.exceptions import RedisClusterException, RedisError
 
 from server.broker.base import PresenceHandler
-from server.broker.redis_keys import decode_event, describe
+from server.broker.redis_keys import FAILURES, decode_event, describe
 from server.broker.redis_presence import MARK, decode_presence
 from server.errors import BrokerUnavailable
 from server.events import Event, EventId
@@ -70,8 +69,9 @@ UNREADY_AFTER = 0.6  # seconds a pong may be late before the node turns unready
 BACKOFF = 0.025
 MAX_BACKOFF = 0.1
 LOG_EVERY = 10.0  # seconds between log lines about failing reconnects
+CATCH_UP_READS = 16  # history reads of one catch-up at a time
 MAP_EVERY = 0.1  # seconds between two reads of the shards' map, at least
-_FAILURES = (RedisError, RedisClusterException, OSError, TimeoutError, BrokerUnavailable)
+_FAILURES = (*FAILURES, BrokerUnavailable)
 
 # What a name is subscribed with: (target, kind). Kinds: "channel" (SUBSCRIBE),
 # "pattern" (PSUBSCRIBE, a glob), "shard" (SSUBSCRIBE, a cluster's sharded channel).
@@ -554,7 +554,13 @@ class Listener:
         that no later one moves the watermark past a live event still on its way (those
         after it came after the subscriptions, and arrive live)."""
         spaces = [self._shards.space(name) for name in names]
-        replays = await asyncio.gather(*(self._source.history(name, str(self._marks[space]))
+        reading = asyncio.Semaphore(CATCH_UP_READS)
+
+        async def read(name: str, space: str) -> Replay:
+            async with reading:  # within the client's connections, however many names
+                return await self._source.history(name, str(self._marks[space]))
+
+        replays = await asyncio.gather(*(read(name, space)
                                          for name, space in zip(names, spaces, strict=True)
                                          if space is not None),
                                        return_exceptions=True)

@@ -42,7 +42,6 @@ from typing import Any, Protocol
 import msgpack
 import orjson
 from redis.asyncio import Redis
-from redis.exceptions import RedisError
 
 from server.broker.base import (
     OCCUPIED,
@@ -58,7 +57,14 @@ from server.broker.base import (
     PresenceNotice,
     PresenceOptions,
 )
-from server.broker.redis_keys import PREFIX, SINGLE_SPACE, as_text, describe, milliseconds
+from server.broker.redis_keys import (
+    FAILURES,
+    PREFIX,
+    SINGLE_SPACE,
+    as_text,
+    describe,
+    milliseconds,
+)
 from server.broker.redis_presence_lua import APPLY, LIST, LIVE, REAP, REFRESH, SWEEP, VACATE
 from server.errors import BrokerUnavailable
 from server.logs import Throttle
@@ -72,7 +78,6 @@ REFRESH_CHUNK = 500  # names per refresh script call
 REAP_CHUNK = 200  # names of a dead node per clean-up script call
 SWEEP_MOST = 100  # dead nodes and ended debounces read per sweep
 LOG_EVERY = 10.0
-_FAILURES = (RedisError, OSError, TimeoutError)
 _DECISIONS = {"occupied": OCCUPIED, "vacated": VACATED}
 
 
@@ -248,7 +253,7 @@ class RedisPresence:
             async with asyncio.timeout(min(self.timeout, 1.0)):
                 await self._client.zrem(self._nodes, self.node_id)
                 await self._client.delete(self._names)
-        except _FAILURES as exc:
+        except FAILURES as exc:
             log.debug("leaving the presence heartbeats failed: %s", exc)
 
     # -- refresh and sweep ---------------------------------------------------------------
@@ -264,7 +269,7 @@ class RedisPresence:
                     self._contact_since = loop.time()
                 if loop.time() - self._contact_since >= self.options.ttl:
                     await self._sweep()
-            except _FAILURES as exc:
+            except FAILURES as exc:
                 self._contact_since = None
                 self._failed(f"presence refresh: {describe(exc)}")
             await asyncio.sleep(self.interval)
@@ -364,7 +369,7 @@ class RedisPresence:
         if task.cancelled():
             return
         exc = task.exception()
-        if isinstance(exc, _FAILURES):  # the sweep finishes it
+        if isinstance(exc, FAILURES):  # the sweep finishes it
             self._failed(f"presence debounce: {describe(exc)}")
         elif exc is not None:
             log.error("a presence debounce check failed", exc_info=exc)
@@ -383,6 +388,6 @@ class RedisPresence:
         try:
             async with asyncio.timeout(self.timeout):
                 yield
-        except _FAILURES as exc:
+        except FAILURES as exc:
             self._failed(f"{what}: {describe(exc)}")
             raise BrokerUnavailable(f"the broker did not answer ({what})") from None
