@@ -12,9 +12,11 @@ is refused whole when any of its topics is.
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Callable
 from typing import Any
 
+from tornado.iostream import StreamClosedError
 from tornado.web import stream_request_body
 
 from handlers.base import ApiHandler
@@ -138,7 +140,7 @@ class BatchHandler(BodyHandler):
             return
         await stream.feed(chunk[:room] if len(chunk) > room else chunk)
         if len(chunk) > room:
-            stream.overflow(self.body_limit())  # said once; the lines before it stand
+            await stream.overflow(self.body_limit())  # said once; the lines before it stand
 
     def _stream(self) -> NdjsonPublisher:
         if self.stream is None:
@@ -148,9 +150,10 @@ class BatchHandler(BodyHandler):
                                           self._answer)
         return self.stream
 
-    def _answer(self, lines: bytes) -> None:
+    async def _answer(self, lines: bytes) -> None:
         self.write(lines)
-        self.flush()  # as the lines come: a client may read while it sends
+        with contextlib.suppress(StreamClosedError):  # the client is gone: nobody to answer
+            await self.flush()  # as the lines come: a client may read while it sends
 
     async def post(self) -> None:
         if self._streaming():

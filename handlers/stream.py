@@ -17,7 +17,7 @@ line needs no newline).
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from typing import Any
 
 from server.auth import Grant, authorize_publish
@@ -48,10 +48,12 @@ class LineResult:
 
 
 class NdjsonPublisher:
-    """Publishes an NDJSON body line by line; ``write`` gets the answer lines."""
+    """Publishes an NDJSON body line by line; ``write`` gets the answer lines and
+    returns once they are on their way (so a client that does not read its answers
+    stops the reading of its body, not the server's memory)."""
 
     def __init__(self, hub: Hub, rights: Grant, settings: Any,
-                 write: Callable[[bytes], None]) -> None:
+                 write: Callable[[bytes], Awaitable[None]]) -> None:
         self.hub = hub
         self.rights = rights
         self.settings = settings
@@ -82,11 +84,11 @@ class NdjsonPublisher:
         skipped, self._skipping = self._skipping, False
         await self._publish([last] if last.strip() or skipped else [], skipped)
 
-    def overflow(self, limit: int) -> None:
+    async def overflow(self, limit: int) -> None:
         """The body went over ``limit``: one error line, and nothing more is read."""
         self.overflowed = True
         self._partial = bytearray()
-        self.write(dump_json({"error": {"code": "payload_too_large", "message": f"the body "
+        await self.write(dump_json({"error": {"code": "payload_too_large", "message": f"the body "
                                         f"is larger than {limit} bytes; the lines before "
                                         "this one were answered"},
                               "line": self.lines + 1}) + b"\n")
@@ -113,7 +115,7 @@ class NdjsonPublisher:
         if requests:
             await self._send(results, requests)
         if results:
-            self.write(b"".join([_answer(result.answer) for result in results]))
+            await self.write(b"".join([_answer(result.answer) for result in results]))
 
     def _parse(self, number: int, line: bytes) -> LineResult:
         try:

@@ -8,6 +8,7 @@ import json
 
 import pytest
 
+from tests.rawws import open_stream
 from tests.waiting import eventually
 
 pytestmark = pytest.mark.gen_test(timeout=30)
@@ -127,3 +128,26 @@ async def test_an_integer_beyond_64_bits_is_refused_even_across_chunks(http_clie
            if line.startswith(b"{")]
     assert "id" in got[0]
     assert got[1]["error"]["code"] == "invalid_body" and got[1]["line"] == 2
+
+
+async def test_a_client_that_reads_no_answers_stops_its_body_being_read(http_server, http_port,
+                                                                      node):
+    """Answers wait in the socket, not in the server: once they fill it, the server
+    reads no more of the body, so a client that never reads cannot fill its memory."""
+    _, writer = await open_stream(http_port, rcvbuf=4096)
+    body_bytes = 60 * 2**20
+    writer.write(b"POST /v1/events HTTP/1.1\r\nHost: x\r\nContent-Type: application/x-ndjson"
+                 b"\r\nContent-Length: %d\r\n\r\n" % body_bytes)
+    chunk = lines(*[{"topic": "nd.r", "data": 0}] * 4096)  # answers are twice as long
+    sent = 0
+    try:
+        while sent + len(chunk) < body_bytes:
+            writer.write(chunk)
+            await asyncio.wait_for(writer.drain(), 2.0)
+            sent += len(chunk)
+    except TimeoutError:
+        pass  # the server stopped reading
+    finally:
+        writer.transport.abort()  # close() would wait for the unsent lines
+    assert sent < body_bytes / 3, f"the server read {sent} bytes of unanswered lines"
+    assert node.hub.published > 0  # it did read, and answer, until then
