@@ -80,7 +80,9 @@ def _secret(options: argparse.Namespace) -> str:
 
 
 def _ttl(ttl: float) -> float:
-    if not ttl > 0:
+    import math
+
+    if not (ttl > 0 and math.isfinite(ttl)):
         raise SettingsError(f"--ttl must be a positive number of seconds, not {ttl:g}")
     return ttl
 
@@ -89,6 +91,7 @@ def _info(text: str | None) -> dict[str, object] | None:
     import json
 
     from server.auth import MAX_INFO_BYTES
+    from server.codec import dump_json
 
     if text is None:
         return None
@@ -99,7 +102,7 @@ def _info(text: str | None) -> dict[str, object] | None:
         raise problem from None
     if not isinstance(info, dict):
         raise problem
-    if len(json.dumps(info, separators=(",", ":")).encode()) > MAX_INFO_BYTES:
+    if len(dump_json(info)) > MAX_INFO_BYTES:  # measured as the server measures it
         raise SettingsError(f"--info must be at most {MAX_INFO_BYTES} bytes as JSON")
     return info
 

@@ -63,12 +63,21 @@ def test_the_flag_wins_over_the_environment():
     (("--sub", "a", "--jwt-secret", SECRET, "--subscribe", "a..b"), "--subscribe"),
     (("--sub", "a", "--jwt-secret", SECRET, "--publish", ">.x"), "--publish"),
     (("--sub", "a", "--jwt-secret", SECRET, "--ttl", "0"), "--ttl"),
+    (("--sub", "a", "--jwt-secret", SECRET, "--ttl", "inf"), "--ttl"),
+    (("--sub", "a", "--jwt-secret", SECRET, "--info", '{"n": "' + "x" * 1100 + '"}'), "--info"),
 ])
 def test_token_refuses_with_one_line(args, complaint):
     result = run_py("token", *args)
     assert result.returncode == 2 and result.stdout == ""
     assert complaint in result.stderr and result.stderr.count("\n") == 1
     assert SECRET not in result.stderr
+
+
+def test_token_info_is_measured_as_the_server_measures_it():
+    """Non-ASCII text counts in UTF-8 bytes, as in the server's check (not as escapes)."""
+    info = '{"name": "' + "é" * 450 + '"}'  # 900 bytes of UTF-8, 2,700 as \u escapes
+    assert claims_of(run_py("token", "--sub", "a", "--jwt-secret", SECRET, "--info", info)
+                     )["squall"]["info"] == {"name": "é" * 450}
 
 
 def test_token_help_and_serve_help_stay_apart():
