@@ -112,7 +112,7 @@ def _redis_url_problem(url: str) -> str | None:
     except ValueError:
         return "has a port that is not a number from 0 to 65535; e.g. redis://HOST:6379/0"
     database = parts.path.strip("/")
-    if database and not database.isdigit():
+    if database and not (database.isascii() and database.isdigit()):  # not "²"
         return "must end in a database number, as in redis://HOST:6379/0"
     return None
 

@@ -86,6 +86,9 @@ def test_lists_from_env_are_comma_separated():
     ([], {"SQUALL_BROKER": "redis://h/zero"}, "",
      "setting broker = 'redis://h/zero' (from SQUALL_BROKER): must end in a database number, "
      "as in redis://HOST:6379/0"),
+    (["--broker", "redis://h/\u00b2"], {}, "",
+     "setting broker = 'redis://h/\u00b2' (from --broker): must end in a database number, "
+     "as in redis://HOST:6379/0"),
     (["--workers", "2"], {}, "",
      "setting workers = 2 (from --workers): more than 1 needs a shared broker, and "
      "broker = 'memory://' (default): use --broker redis://HOST:6379/0, or --workers 1"),
