@@ -106,7 +106,8 @@ def query(rng: random.Random) -> str:
 
 PATHS = ["/v1/topics/{t}/events", "/v1/events", "/v1/topics", "/healthz", "/readyz",
          "/metrics", "/v1/ws", "/v1/openapi.json", "/", "/static/{f}", "/v1/topics/{t}",
-         "/nowhere/{t}", "/v1/topics/{t}/events/extra"]
+         "/nowhere/{t}", "/v1/topics/{t}/events/extra", "/v1/sse", "/v1/topics/{t}/presence",
+         "/v1/disconnect"]
 STATIC = ["squall.js", "%00", "squall.js%00.png", "../run.py", "..%2f..%2frun.py", "index.html",
           "nope", "%FF", ""]
 METHODS = ["GET", "POST", "POST", "POST", "PUT", "DELETE", "PATCH", "HEAD", "OPTIONS", "FOO",
@@ -230,13 +231,22 @@ async def send_http(port: int, case: HttpCase, figures: Figures) -> None:
     try:
         writer.write(case.raw)
         await writer.drain()
-        answer = await asyncio.wait_for(reader.read(), TIMEOUT)
+        try:
+            answer = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), TIMEOUT)
+        except asyncio.IncompleteReadError as exc:
+            answer = exc.partial
+        if not _opened_stream(answer):  # an SSE stream that opened never ends by itself
+            answer += await asyncio.wait_for(reader.read(), TIMEOUT)
     except (ConnectionError, TimeoutError) as exc:
         figures.problem(f"no answer ({type(exc).__name__}) to {case.raw[:120]!r}")
         return
     finally:
         writer.close()
     check_http_answer(case, answer, figures)
+
+
+def _opened_stream(head: bytes) -> bool:
+    return head.startswith(b"HTTP/1.1 200") and b"text/event-stream" in head
 
 
 def check_http_answer(case: HttpCase, answer: bytes, figures: Figures) -> None:

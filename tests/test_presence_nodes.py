@@ -260,7 +260,8 @@ def test_a_reconnect_within_the_debounce_fires_neither_signal(pair, hooks):
         first = await connect(a, "ws", "life.t", person("frank"), opened)
         await hooks.until("life.t", 1)
         first.close()
-        await asyncio.sleep(0.2)
+        await eventually(lambda: presence(b, "life.t")["count"] == 0,
+                         what="the first connection gone from presence, on the other node")
         again = await connect(b, "sse", "life.t", person("frank"), opened)  # another node
         await asyncio.sleep(DEBOUNCE + 0.5)
         assert [body["signal"] for _, body in hooks.of("life.t")] == ["topic_occupied"]
@@ -295,7 +296,7 @@ async def _kill_scenario(a: ServerProcess, b: ServerProcess, hooks: Hooks,
     for name in ("solo.k", "brief.k"):
         await hooks.until(name, 1)
     brief.close()  # brief.k is left vacating on b, which dies before its debounce ends
-    await asyncio.sleep(0.2)
+    await eventually(lambda: presence(a, "brief.k")["count"] == 0, what="jane gone")
     assert b.process is not None
     b.process.kill()
     killed = time.monotonic()
