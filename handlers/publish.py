@@ -13,7 +13,6 @@ is refused whole when any of its topics is.
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Callable
 from typing import Any
 
 from tornado.iostream import StreamClosedError
@@ -21,8 +20,8 @@ from tornado.web import stream_request_body
 
 from handlers.base import ApiHandler
 from handlers.stream import MEDIA_TYPES as STREAM_TYPES
-from handlers.stream import NdjsonPublisher
-from server.auth import EVERYTHING, Forbidden, Grant, Unauthorized
+from handlers.stream import NdjsonPublisher, entry_request
+from server.auth import EVERYTHING, Grant, authorize
 from server.broker.base import Published, PublishRequest
 from server.codec import Codec, media_codec
 from server.commands import MAX_KEY_LENGTH
@@ -102,7 +101,7 @@ class TopicEventsHandler(BodyHandler):
             name = validate_pattern(topic, self.node.settings.max_topic_length)
         except InvalidTopic as exc:
             raise SquallError("invalid_topic", str(exc)) from None
-        _authorize(self.rights, self.rights.check_subscribe, name)
+        authorize(self.rights, self.rights.check_subscribe, name)
         since = self.get_query_argument("since", None)
         most = self.node.settings.max_replay_events
         limit = _limit(self.get_query_argument("limit", None), most) or most
@@ -199,7 +198,7 @@ async def publish_one(node: Node, rights: Grant, raw_topic: str, content_type: s
                       key: str | None, body: bytes) -> dict[str, Any]:
     """``POST /v1/topics/{topic}/events``, after its grant: the answer's value."""
     topic = _topic(raw_topic, node.settings.max_topic_length)
-    _authorize(rights, rights.check_publish, topic)
+    authorize(rights, rights.check_publish, topic)
     data, _ = decode_body(content_type, body, SINGLE_EXPECTED)
     if key is not None and not 0 < len(key) <= MAX_KEY_LENGTH:
         raise SquallError("invalid_body", "Idempotency-Key must be 1 to "
@@ -215,20 +214,10 @@ async def publish_batch(node: Node, rights: Grant, content_type: str | None,
     requests = _batch(value, codec, node.settings)
     if rights.publish != EVERYTHING:
         for request in requests:
-            _authorize(rights, rights.check_publish, request.topic)
+            authorize(rights, rights.check_publish, request.topic)
     published = await node.hub.publish(requests)
     return {"events": [{"topic": outcome.topic, "id": outcome.id, "ts": outcome.ts}
                        for outcome in published]}
-
-
-def _authorize(rights: Grant, check: Callable[[str], None], name: str) -> None:
-    """``check(name)``; a refused anonymous request is told to authenticate (401)."""
-    try:
-        check(name)
-    except Forbidden as exc:
-        if rights.anonymous:
-            raise Unauthorized(f"{exc.message}: send an API key or a token") from None
-        raise
 
 
 def _batch(body: Any, codec: Codec, settings: Any) -> list[PublishRequest]:
@@ -240,27 +229,15 @@ def _batch(body: Any, codec: Codec, settings: Any) -> list[PublishRequest]:
     if len(entries) > settings.max_batch_events:
         raise SquallError("payload_too_large", f"a batch holds at most "
                           f"{settings.max_batch_events} events, got {len(entries)}")
-    max_topic, max_bytes = settings.max_topic_length, settings.max_event_bytes
-    dumps, binary = codec.dumps, codec.binary
     requests = []
     for index, entry in enumerate(entries):
         if not isinstance(entry, dict) or "topic" not in entry or "data" not in entry:
             raise SquallError("invalid_body", f'events[{index}] must be {{"topic": ..., '
                               f'"data": ...}}')
         try:
-            topic = validate_topic(entry["topic"], max_topic)
-        except InvalidTopic as exc:
-            raise SquallError("invalid_topic", f"events[{index}]: {exc}") from None
-        key = entry.get("idempotency_key")
-        if key is not None and not (isinstance(key, str) and 0 < len(key) <= MAX_KEY_LENGTH):
-            raise SquallError("invalid_body", f"events[{index}]: idempotency_key must be a "
-                              f"string of 1 to {MAX_KEY_LENGTH} characters")
-        data = entry["data"]
-        encoded = dumps(data)
-        if len(encoded) > max_bytes:
-            raise SquallError("payload_too_large", f"events[{index}]: data is {len(encoded)} "
-                              f"bytes; the limit is {max_bytes}")
-        requests.append(PublishRequest(topic, data, key, None if binary else encoded))
+            requests.append(entry_request(entry, settings, codec.dumps, codec.binary))
+        except SquallError as exc:
+            raise SquallError(exc.code, f"events[{index}]: {exc.message}") from None
     return requests
 
 

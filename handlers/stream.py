@@ -20,7 +20,7 @@ from __future__ import annotations
 from collections.abc import Awaitable, Callable
 from typing import Any
 
-from server.auth import Grant, authorize_publish
+from server.auth import Grant, authorize
 from server.broker.base import Published, PublishRequest
 from server.codec import dump_json, load_json, may_hold_long_integers
 from server.commands import MAX_KEY_LENGTH
@@ -127,21 +127,9 @@ class NdjsonPublisher:
         entry = load_json(line, self._digits_checked)
         if not isinstance(entry, dict) or "topic" not in entry or "data" not in entry:
             raise SquallError("invalid_body", 'each line must be {"topic": ..., "data": ...}')
-        try:
-            topic = validate_topic(entry["topic"], self.settings.max_topic_length)
-        except InvalidTopic as exc:
-            raise SquallError("invalid_topic", str(exc)) from None
-        authorize_publish(self.rights, topic)
-        key = entry.get("idempotency_key")
-        if key is not None and not (isinstance(key, str) and 0 < len(key) <= MAX_KEY_LENGTH):
-            raise SquallError("invalid_body", f"idempotency_key must be a string of 1 to "
-                              f"{MAX_KEY_LENGTH} characters")
-        encoded = dump_json(entry["data"])
-        size = len(encoded)
-        if size > self.settings.max_event_bytes:
-            raise SquallError("payload_too_large", f"data is {size} bytes; the limit is "
-                              f"{self.settings.max_event_bytes}")
-        return PublishRequest(topic, entry["data"], key, encoded)
+        request = entry_request(entry, self.settings, dump_json, False)
+        authorize(self.rights, self.rights.check_publish, request.topic)
+        return request
 
     async def _send(self, results: list[LineResult], requests: list[PublishRequest]) -> None:
         try:
@@ -155,6 +143,27 @@ class NdjsonPublisher:
             if result.request is not None:
                 result.answer = next(outcomes)
                 self.published += 1
+
+
+def entry_request(entry: dict[str, Any], settings: Any, dumps: Callable[[Any], bytes],
+                  binary: bool) -> PublishRequest:
+    """A publish entry of a batch or a stream (a dict with topic and data) as a request;
+    ``invalid_topic``, ``invalid_body`` or ``payload_too_large`` saying what is wrong.
+    ``dumps`` encodes the data as its body came (kept unless ``binary``)."""
+    try:
+        topic = validate_topic(entry["topic"], settings.max_topic_length)
+    except InvalidTopic as exc:
+        raise SquallError("invalid_topic", str(exc)) from None
+    key = entry.get("idempotency_key")
+    if key is not None and not (isinstance(key, str) and 0 < len(key) <= MAX_KEY_LENGTH):
+        raise SquallError("invalid_body", f"idempotency_key must be a string of 1 to "
+                          f"{MAX_KEY_LENGTH} characters")
+    data = entry["data"]
+    encoded = dumps(data)
+    if len(encoded) > settings.max_event_bytes:
+        raise SquallError("payload_too_large", f"data is {len(encoded)} bytes; the limit is "
+                          f"{settings.max_event_bytes}")
+    return PublishRequest(topic, data, key, None if binary else encoded)
 
 
 def _answer(answer: Any) -> bytes:

@@ -44,7 +44,7 @@ import logging
 import math
 import time
 import warnings
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 from urllib.parse import parse_qsl, urlencode
@@ -137,10 +137,11 @@ class Grant:
 OPEN = Grant(sub=None, subscribe=EVERYTHING, publish=EVERYTHING, operator=True)
 
 
-def authorize_publish(rights: Grant, topic: str) -> None:
-    """``check_publish``, except that an anonymous client is told to authenticate."""
+def authorize(rights: Grant, check: Callable[[str], None], name: str) -> None:
+    """``check(name)`` (one of the grant's checks); a refused anonymous request is told
+    to authenticate (401), any other refusal stands (403)."""
     try:
-        rights.check_publish(topic)
+        check(name)
     except Forbidden as exc:
         if rights.anonymous:
             raise Unauthorized(f"{exc.message}: send an API key or a token") from None
