@@ -194,8 +194,6 @@ class Hub:
             targets = list(self._by_sub.get(request.sub or "", ()))
         loop = asyncio.get_running_loop()
         for connection in targets:
-            if request.sub is not None and connection.info.sub != request.sub:
-                continue
             connection.close(request.code, request.reason, drain=True)
             loop.call_soon(self.forget, connection)
         return len(targets)
