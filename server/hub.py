@@ -9,9 +9,11 @@ not per event. Whatever changes what a subscriber should see (the end of a repla
 an unsubscribe, a shutdown) fans the pending runs out first.
 
 A subscribe with ``since`` replays history before live events. While a connection
-has a replay under way, its live events are held back (bounded by its queue limit)
-and released after the replay, minus those the replay already carried: no gap, no
-duplicate, whatever the broker's latency.
+has a replay (or a broker subscribe) under way, its live events are held back
+(bounded by its queue limit) and released after it, minus those the replay already
+carried and those of a subscription that failed meanwhile: no gap, no duplicate,
+whatever the broker's latency, and nothing of a name the client was told it does not
+hold (it would resume from such an event, past what it never got).
 
 Presence (server/presence.py): each new subscription is written to the broker's
 presence before its ``subscribed`` reply (so a presence query after it finds the
@@ -27,7 +29,7 @@ import asyncio
 import contextlib
 import logging
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Collection, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any, NamedTuple, Protocol
 
@@ -39,6 +41,7 @@ from server.errors import SquallError
 from server.events import Event
 from server.presence import Presence
 from server.router import Router
+from server.topics import matches
 from server.wire import WireFormat
 
 log = logging.getLogger("squall.hub")
@@ -92,15 +95,19 @@ class _Held(Protocol):
     def id(self) -> str: ...
 
     @property
+    def topic(self) -> str: ...
+
+    @property
     def size(self) -> int: ...
 
     def frame(self, wire: WireFormat) -> bytes | memoryview: ...
 
 
 class _HeldFrames(NamedTuple):
-    """Presence frames of one subscriber, kept back with its events."""
+    """Presence frames of one subscriber of exactly ``topic``, kept back with its events."""
 
     chunk: bytes | memoryview
+    topic: str
     id: str = ""  # never an event id: never taken for a replayed event
 
     @property
@@ -111,11 +118,30 @@ class _HeldFrames(NamedTuple):
         return self.chunk
 
 
+class _Wanted:
+    """Whether something held back is still for a connection: a subscribe that failed
+    (or an unsubscribe) under way while it was held leaves nothing of that name to
+    deliver, since the client was told it is not subscribed."""
+
+    def __init__(self, subscriptions: Collection[str]) -> None:
+        self._subscriptions = subscriptions
+        self._topics: dict[str, bool] = {}
+
+    def __call__(self, held: _Held) -> bool:
+        if isinstance(held, _HeldFrames):  # for the subscribers of exactly that name
+            return held.topic in self._subscriptions
+        found = self._topics.get(held.topic)
+        if found is None:
+            found = self._topics[held.topic] = any(
+                matches(name, held.topic) for name in self._subscriptions)
+        return found
+
+
 @dataclass
 class _Hold:
-    """Live events kept back from a connection while replays are under way."""
+    """Live events kept back from a connection while replays or subscribes are under way."""
 
-    replays: int = 0
+    holders: int = 0  # blocks holding the events back (replays, broker subscribes)
     events: list[_Held] = field(default_factory=list)
     bytes: int = 0
     replayed: set[str] = field(default_factory=set)
@@ -371,7 +397,7 @@ class Hub:
             self.fan_out()
             for connection, chunk, count in self.presence.frames(name, notices, subscribers):
                 if connection.hold is not None:
-                    self._hold_back(connection, _HeldFrames(chunk))
+                    self._hold_back(connection, _HeldFrames(chunk, name))
                 else:
                     connection.enqueue(chunk, count)
         except Exception:  # a bug here must not cost the broker its listener
@@ -393,26 +419,29 @@ class Hub:
         """Subscribe locally; returns once the broker delivers ``name``'s events here.
 
         The broker is subscribed once per name, by whichever client needs it first;
-        the others wait for the same confirmation. When it fails, every waiting
-        client's subscription is undone (unless it already held the name) and the
-        error raised to each.
+        the others wait for the same confirmation, with their live events held back
+        (events of ``name`` may come meanwhile through other names). When it fails,
+        every waiting client's subscription is undone (unless it already held the
+        name), nothing of it delivered, and the error raised to each.
         """
         held = name in connection.subscriptions
         connection.subscriptions[name] = None
         self.router.add(name, connection)
-        try:
-            if name not in self._in_broker:
+        if name in self._in_broker:
+            return
+        with self._holding(connection):
+            try:
                 pending = self._subscribing.get(name)
                 if pending is None:
                     pending = self._subscribing[name] = asyncio.get_running_loop().create_task(
                         self._subscribe_broker(name))
                     pending.add_done_callback(_retrieved)  # its waiters may all be gone
                 await asyncio.shield(pending)
-        except BaseException:
-            if not held:
-                connection.subscriptions.pop(name, None)
-                self.router.remove(name, connection)
-            raise
+            except BaseException:
+                if not held:
+                    connection.subscriptions.pop(name, None)
+                    self.router.remove(name, connection)
+                raise
 
     async def _subscribe_broker(self, name: str) -> None:
         try:
@@ -449,30 +478,31 @@ class Hub:
 
     async def _add_with_replay(self, connection: Connection, name: str, since: str,
                                reply: dict[str, Any], new: bool) -> None:
+        with self._holding(connection) as hold:
+            await self._add(connection, name)
+            try:
+                replay = await self.broker.history(name, since)
+            except BaseException:
+                if new:
+                    self._remove(connection, name)  # the client got an error: not subscribed
+                raise
+            await self._replay(connection, hold, replay.events)
+            reply["recovered"] = replay.recovered
+            if replay.last_id is not None:
+                reply["last_id"] = replay.last_id
+            await self._join(connection, name, new)
+            connection.send(reply)
+
+    @contextlib.contextmanager
+    def _holding(self, connection: Connection) -> Iterator[_Hold]:
+        """Hold the connection's live events back until the block (and every other
+        block holding them) has ended."""
         hold = connection.hold
         if hold is None:
             hold = connection.hold = _Hold()
-        hold.replays += 1
-        new = name not in connection.subscriptions
+        hold.holders += 1
         try:
-            await self._add(connection, name)
-        except BaseException:
-            self._release(connection, hold)
-            raise
-        try:
-            replay = await self.broker.history(name, since)
-        except BaseException:
-            if new:
-                self._remove(connection, name)  # the client got an error: not subscribed
-            self._release(connection, hold)
-            raise
-        await self._replay(connection, hold, replay.events)
-        reply["recovered"] = replay.recovered
-        if replay.last_id is not None:
-            reply["last_id"] = replay.last_id
-        try:
-            await self._join(connection, name, new)
-            connection.send(reply)
+            yield hold
         finally:
             self._release(connection, hold)
 
@@ -500,13 +530,14 @@ class Hub:
 
     def _release(self, connection: Connection, hold: _Hold) -> None:
         self.fan_out()  # events delivered during the replay are held back, not sent twice
-        hold.replays -= 1
-        if hold.replays:
+        hold.holders -= 1
+        if hold.holders:
             return
         connection.hold = None
-        for event in hold.events:
-            if event.id not in hold.replayed:
-                connection.enqueue(event.frame(connection.wire))
+        wanted = _Wanted(connection.subscriptions)
+        for held in hold.events:
+            if held.id not in hold.replayed and wanted(held):
+                connection.enqueue(held.frame(connection.wire))
 
     def _on_slow(self, connection: Connection) -> None:
         self.slow_closes += 1

@@ -48,6 +48,9 @@ class Resumer:
         self.ids: set[str] = set()
         self.duplicates = 0
         self.closes: list[int | None] = []
+        # what a failure needs told: subscribes, replies, closes, each connection's first event
+        self.trace: list[tuple[Any, ...]] = []
+        self._first_event = True
         self.unrecovered: list[str] = []
         self.connected = asyncio.Event()
         self._fresh: set[str] = set()  # subscribes sent that have not delivered an event
@@ -70,6 +73,7 @@ class Resumer:
             try:
                 async with websockets.connect(self.url, open_timeout=5,
                                               close_timeout=1) as socket:
+                    self._first_event = True
                     for name in self.names:
                         await self._subscribe(socket, name)
                     async for raw in socket:
@@ -78,6 +82,7 @@ class Resumer:
                 self.closes.append(closed.rcvd.code if closed.rcvd else None)
             except (OSError, TimeoutError, websockets.InvalidHandshake):
                 self.closes.append(None)
+            self._note("closed", self.closes[-1])
             self.connected.clear()
             await asyncio.sleep(0.05)
 
@@ -85,11 +90,19 @@ class Resumer:
         frame: dict[str, Any] = {"type": "subscribe", "topic": name, "ref": name}
         if self.last[name] is not None:
             frame["since"] = self.last[name]
+        self._note("subscribe", name, self.last[name])
         self._fresh.add(name)
         await socket.send(json.dumps(frame))
 
+    def _note(self, *what: Any) -> None:
+        self.trace.append((round(time.monotonic(), 3), *what))
+
     async def _on_frame(self, socket: Any, frame: dict[str, Any]) -> None:
         kind = frame["type"]
+        if kind != "event" or self._first_event:
+            self._first_event = self._first_event and kind != "event"
+            self._note(kind, *(frame.get(key) for key in ("id", "last_id", "recovered", "code")
+                               if key in frame))
         if kind == "event":
             for name in self.names:
                 if matches(name, frame["topic"]):
@@ -333,6 +346,13 @@ def figures(name: str, outcome: dict[str, Any], **extra: Any) -> dict[str, Any]:
     path.write_text(json.dumps(recorded, indent=2) + "\n")
     print(name, found)
     return found
+
+
+def lost(subscriber: Resumer, missing: list[Accepted], outcome: dict[str, Any]) -> str:
+    """What an assertion about ``subscriber`` missing events should say."""
+    return (f"{subscriber.names} on {subscriber.url} missed {len(missing)} accepted events, "
+            f"first {missing[:1]}; what it did: {subscriber.trace}\nthe nodes' logs:\n"
+            + "\n".join(outcome["logs"]))
 
 
 def no_tracebacks(outcome: dict[str, Any]) -> None:

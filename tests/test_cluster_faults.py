@@ -34,7 +34,7 @@ from redis.crc import key_slot
 from server.broker.base import BrokerOptions
 from server.broker.redis_cluster import RedisClusterBroker
 from server.history import Retention
-from tests.chaos import Outcome, Publisher, epoch, figures, no_tracebacks, two_nodes
+from tests.chaos import Outcome, Publisher, epoch, figures, lost, no_tracebacks, two_nodes
 from tests.cluster_nodes import LocalCluster
 from tests.redis_cluster import local_cluster
 from tests.test_broker_contract import Received
@@ -129,7 +129,7 @@ def restart_all(cluster: LocalCluster) -> Callable[[], Any]:
 def everything_arrived(outcome: dict[str, Any]) -> None:
     for subscriber in outcome["subscribers"]:
         got = Outcome.of(subscriber, outcome["publisher"].accepted)
-        assert got.missing == [], (subscriber.names, got.missing)
+        assert got.missing == [], lost(subscriber, got.missing, outcome)
 
 
 @pytest.mark.parametrize("wait_replicas", [1, 0])
@@ -192,7 +192,8 @@ async def test_whole_cluster_restarted(own_cluster):
     after = [event for event in publisher.accepted if epoch(event.id) != before]
     assert after, "nothing was accepted after the cluster came back"
     for subscriber in outcome["subscribers"]:
-        assert Outcome.of(subscriber, after).missing == [], subscriber.names
+        missing = Outcome.of(subscriber, after).missing
+        assert missing == [], lost(subscriber, missing, outcome)
         assert 4009 in subscriber.closes and subscriber.unrecovered, "the loss went unsaid"
     assert found["lost_after_recovery"] == 0 and found["duplicates"] == 0
     no_tracebacks(outcome)

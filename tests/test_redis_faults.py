@@ -27,7 +27,7 @@ from typing import Any
 
 import pytest
 
-from tests.chaos import Outcome, Publisher, epoch, figures, no_tracebacks, two_nodes
+from tests.chaos import Outcome, Publisher, epoch, figures, lost, no_tracebacks, two_nodes
 from tests.redis_server import RedisServer, require_redis_server
 
 pytestmark = [pytest.mark.redis, pytest.mark.gen_test(timeout=120)]
@@ -84,7 +84,7 @@ async def test_redis_killed_without_persistence_loses_only_what_it_forgot(own_re
     assert after, "nothing was accepted after Redis came back"
     for subscriber in outcome["subscribers"]:
         got = Outcome.of(subscriber, after)
-        assert got.missing == [], f"{subscriber.names}: accepted after the restart, lost"
+        assert got.missing == [], lost(subscriber, got.missing, outcome)
         assert 4009 in subscriber.closes and subscriber.unrecovered, "the loss went unsaid"
     assert found["lost_after_recovery"] == 0 and found["duplicates"] == 0
     assert found["ready_after_s"] is not None and found["ready_after_s"] < 1.0
@@ -97,7 +97,7 @@ async def test_redis_killed_with_appendfsync_always_loses_nothing(own_redis):
     found = figures("kill, appendfsync always", outcome)
     for subscriber in outcome["subscribers"]:
         got = Outcome.of(subscriber, outcome["publisher"].accepted)
-        assert got.missing == [], subscriber.names
+        assert got.missing == [], lost(subscriber, got.missing, outcome)
         assert subscriber.unrecovered == [] and 4009 not in subscriber.closes
     assert found["duplicates"] == 0
     assert found["ready_after_s"] is not None and found["ready_after_s"] < 1.0
@@ -111,7 +111,7 @@ async def test_a_frozen_redis_delays_no_publish_past_the_timeout(own_redis, seco
     found = figures(f"{seconds} s stall, broker_timeout {timeout:g} s", outcome)
     for subscriber in outcome["subscribers"]:
         got = Outcome.of(subscriber, outcome["publisher"].accepted)
-        assert got.missing == [], subscriber.names
+        assert got.missing == [], lost(subscriber, got.missing, outcome)
         assert subscriber.unrecovered == [] and 4009 not in subscriber.closes
     assert found["answered_503"] > 0
     assert found["slowest_answer_s"] < timeout + 0.25

@@ -7,6 +7,8 @@ import json
 
 import pytest
 
+from server.errors import BrokerUnavailable
+
 pytestmark = pytest.mark.gen_test(timeout=60)
 
 
@@ -190,3 +192,42 @@ async def test_the_topic_list_is_computed_once_for_many_callers(http_client, bas
                                        for _ in range(20)))
     assert len(reads) == 1
     assert all("listed.once" in response.body.decode() for response in responses)
+
+
+@pytest.mark.parametrize("failing", ["subscribe", "history"])
+async def test_a_subscribe_that_fails_delivers_nothing_of_its_name(ws_connect, publish, node,
+                                                                  monkeypatch, failing):
+    """Events of a name may arrive while its subscribe is under way (through the other
+    names of the node); if the subscribe then fails, the client must get none of them:
+    it would resume from such an event, past every one it never got."""
+    held, release = asyncio.Event(), asyncio.Event()
+    broker = node.broker
+    original = getattr(broker, failing)
+
+    async def fail_once(name, *args, **kwargs):
+        if name != "fs.*" or release.is_set():
+            return await original(name, *args, **kwargs)
+        held.set()
+        await release.wait()
+        raise BrokerUnavailable("the broker did not answer (test)")
+
+    monkeypatch.setattr(broker, failing, fail_once)
+    other = await ws_connect()
+    await other.subscribe("fs.a")
+    first = json.loads((await publish("fs.a", "before")).body)["id"]
+    client = await ws_connect()
+    await client.subscribe("elsewhere")
+    await client.send({"type": "subscribe", "topic": "fs.*", "since": first, "ref": "r"})
+    await asyncio.wait_for(held.wait(), 5)
+    await publish("fs.a", "during")
+    await publish("elsewhere", "unrelated")
+    assert [event["data"] for event in await other.events(2)] == ["before", "during"]
+    release.set()
+    frames = {frame["type"]: frame for frame in [await client.recv(), await client.recv()]}
+    assert (frames["error"]["code"], frames["error"]["ref"]) == ("broker_unavailable", "r")
+    assert frames["event"]["data"] == "unrelated"  # held back, then released
+    await client.send({"type": "subscribe", "topic": "fs.*", "since": first})
+    assert (await client.recv_type("event"))["data"] == "during"  # the retry misses nothing
+    assert (await client.recv_type("subscribed"))["recovered"] is True
+    await publish("fs.a", "after")
+    assert (await client.recv_type("event"))["data"] == "after"
