@@ -289,6 +289,23 @@ async def test_redis_losing_its_data_starts_a_new_epoch(nodes, redis_server):
     assert [event.id for event in events] == [old.id, new.id, later.id]
 
 
+async def test_once_ready_after_a_restart_no_command_fails_on_a_dead_connection(
+        nodes, redis_server):
+    """Idle command connections died with Redis; redis-py cannot tell a reset one from
+    a live one until a command fails on it. Once the node is ready again, none is left."""
+    broker, _, _ = await nodes(subscribe=["dead.t"])
+    for _ in range(3):  # a pool of several connections, idle when Redis goes
+        await asyncio.gather(*(broker.publish([PublishRequest("dead.t", n)]) for n in range(8)))
+    redis_server.kill()
+    await eventually(lambda: not broker.ready, what="unready")
+    redis_server.start()
+    await eventually(lambda: broker.ready, timeout=10, what="ready again")
+    outcomes = await asyncio.gather(*(broker.history("dead.t", None) for _ in range(8)),
+                                    *(broker.publish([PublishRequest("dead.t", n)])
+                                      for n in range(8)), return_exceptions=True)
+    assert [outcome for outcome in outcomes if isinstance(outcome, BaseException)] == []
+
+
 async def test_a_broker_that_cannot_reach_redis_starts_unready_and_recovers(
         redis_server, redis_url, io_loop):
     redis_server.kill()

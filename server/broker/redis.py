@@ -209,7 +209,7 @@ class RedisBroker(Broker):
                                        options.timeout, self, self.presence_wire)
         self._listener = Listener(shards, self, self._deliver, self._gap, options.timeout,
                                   on_presence=self._heard_presence,
-                                  on_control=self._presence.control)
+                                  on_control=self._presence.control, on_lost=self._lost)
         self._batches = Batches(self._send, self.options.timeout, MAX_SCRIPT_EVENTS)
         self._position_waiters: dict[str, list[asyncio.Future[EventId]]] = {}
         self._position_readers: dict[str, asyncio.Task[None]] = {}
@@ -326,6 +326,16 @@ class RedisBroker(Broker):
     async def _disconnect(self) -> None:
         await self._pool.disconnect()
         await self._listen_pool.disconnect()
+
+    def _lost(self, shard: str) -> None:
+        """The listener lost its connection to ``shard``: the idle command connections to
+        it are most likely dead too, and redis-py takes a reset one for a live one until
+        a command fails on it (a needless 503 after Redis is back). Drop them."""
+        self._chore(self._drop_idle(shard))
+
+    async def _drop_idle(self, shard: str) -> None:
+        with contextlib.suppress(*FAILURES):
+            await self._pool.disconnect(inuse_connections=False)
 
     @property
     def reconnects(self) -> int:

@@ -48,6 +48,7 @@ with these differences:
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import functools
 import logging
 import time
@@ -307,6 +308,12 @@ class RedisClusterBroker(RedisBroker):
 
     async def _disconnect(self) -> None:
         await self._cluster_shards.close()
+
+    async def _drop_idle(self, shard: str) -> None:
+        node = self._cluster.get_node(node_name=shard)
+        if node is not None:
+            with contextlib.suppress(*FAILURES):
+                await node.disconnect_free_connections()
 
     # -- publishing --------------------------------------------------------------------
 

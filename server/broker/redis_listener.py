@@ -33,7 +33,9 @@ Health: each connection is pinged whenever it has been quiet for ``HEALTH_INTERV
 a pong overdue by ``UNREADY_AFTER`` makes the listener unready (``/readyz`` 503)
 until Redis answers, and one overdue by the broker timeout counts as a lost
 connection. Reconnects come every ``BACKOFF`` to ``MAX_BACKOFF`` seconds, doubling,
-reset after a session that got ready, and are logged at most every ``LOG_EVERY``. A
+reset after a session that got ready, and are logged at most every ``LOG_EVERY``; the
+first lost connection after a healthy session is told to ``on_lost`` (the broker drops
+its idle command connections to that shard, which died with it). A
 lost connection, or a shard that tells the node it no longer serves a channel (a
 slot moved), makes the listener read the shards' map again (``Shards.refresh``, at
 most every ``MAP_EVERY``) and move the subscriptions to where they are served now,
@@ -158,7 +160,8 @@ class Listener:
     def __init__(self, shards: Shards, source: Source, deliver: Callable[[Event], None],
                  on_gap: Callable[[str], None], timeout: float,
                  on_presence: PresenceHandler | None = None,
-                 on_control: Callable[[bytes], None] | None = None) -> None:
+                 on_control: Callable[[bytes], None] | None = None,
+                 on_lost: Callable[[str], None] | None = None) -> None:
         self._shards = shards
         self._source = source
         self._deliver = deliver
@@ -166,6 +169,7 @@ class Listener:
         self._timeout = timeout
         self._on_presence = on_presence
         self._on_control = on_control
+        self._on_lost = on_lost
         self._refs: dict[str, int] = {}
         self._users: dict[bytes, set[str]] = {}  # target -> the names subscribed with it
         self._kinds: dict[bytes, str] = {}
@@ -360,6 +364,8 @@ class Listener:
             except Exception as exc:  # a bug is logged below with its traceback
                 if session.was_ready:  # a healthy session ended: start the backoff afresh
                     delay, session.was_ready, reports = BACKOFF, False, Throttle(LOG_EVERY)
+                    if self._on_lost is not None and isinstance(exc, _FAILURES):
+                        self._on_lost(session.shard)
                 if not isinstance(exc, _FAILURES):
                     log.error("redis listener session failed", exc_info=exc)
                 elif reports.ready():
