@@ -49,10 +49,12 @@ return {epoch, redis.call('HGET', meta, 'seq')}
 # Publish a batch of events of one space, in order.
 #
 # For each event: answer from its idempotency key if the key is known; otherwise take
-# the next seq, append the event to its topic's stream (trimmed to the history size,
-# expiring with the history ttl), record the topic's last seq and ts, send it on its
-# channels and remember the idempotency key with the first id. Redis runs a script
-# alone, so ids follow publish order and every node sees a publish whole or not at all.
+# the next seq, append the event to its topic's stream (trimmed to the history size),
+# send it on its channels and remember the idempotency key with the first id. Each
+# topic's last seq and ts, and its stream's expiry (the history ttl), are written once
+# per call, after its events: a batch to one topic costs two commands per event (XADD
+# and PUBLISH), not six. Redis runs a script alone, so ids follow publish order and
+# every node sees a publish whole or not at all.
 #
 # Topics pushed out by ``max topics`` leave a tombstone (their last seq) so that a
 # ``since`` from before their last event is known to be unrecoverable; past ``max
@@ -99,9 +101,6 @@ local function append(stream, id, payload, prev)
     redis.call('DEL', stream)
     redis.call('XADD', stream, 'MAXLEN', size, id, 'p', payload, 'v', prev)
   end
-  if ttl > 0 then
-    redis.call('PEXPIRE', stream, ttl)
-  end
 end
 
 local listened = {}
@@ -120,8 +119,18 @@ local function send(channel, payload)
   end
 end
 
+-- the topics this call published to, in order, with their newest seq and stream; the
+-- indexes and expiries are written once per topic, after the loop
+local touched, newest, streams = {}, {}, {}
+
 local function previous(topic, stream)
-  local last = redis.call('ZSCORE', by_seq, topic)
+  local last = newest[topic]
+  if last then
+    return last
+  end
+  touched[#touched + 1] = topic
+  streams[topic] = stream
+  last = redis.call('ZSCORE', by_seq, topic)
   if last then
     return last
   end
@@ -192,9 +201,8 @@ for i, event in ipairs(events) do
     local payload = head .. cmsgpack.pack(event_id) .. cmsgpack.pack(ts) .. data
     if size > 0 then
       append(stream, id .. '-0', payload, prev)
-      redis.call('ZADD', by_ts, ts, topic)
     end
-    redis.call('ZADD', by_seq, id, topic)
+    newest[topic] = id
     for _, channel in ipairs(channels) do
       send(KEYS[channel], payload)
     end
@@ -207,8 +215,30 @@ for i, event in ipairs(events) do
   end
 end
 
+-- ZADD takes this many score-member pairs at a time (Lua's unpack has a limit)
+local PAIRS = 2000
+local function index_topics(key, score_of)
+  for first = 1, #touched, PAIRS do
+    local args = {}
+    for j = first, math.min(first + PAIRS - 1, #touched) do
+      args[#args + 1] = score_of(touched[j])
+      args[#args + 1] = touched[j]
+    end
+    redis.call('ZADD', key, unpack(args))
+  end
+end
+
 local forgotten = {}
 if published then
+  index_topics(by_seq, function(topic) return newest[topic] end)
+  if size > 0 then
+    index_topics(by_ts, function() return ts end)
+    if ttl > 0 then
+      for _, topic in ipairs(touched) do
+        redis.call('PEXPIRE', streams[topic], ttl)
+      end
+    end
+  end
   redis.call('HSET', meta, 'seq', fmt(seq))
   if ttl > 0 then
     redis.call('ZREMRANGEBYSCORE', by_ts, '-inf', '(' .. (ts - ttl))
