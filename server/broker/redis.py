@@ -383,12 +383,17 @@ class RedisBroker(Broker):
         if not requests:
             return []
         parts: dict[str, tuple[Space, list[int], list[Any]]] = {}
+        heads: dict[str, tuple[Space, bytes]] = {}  # a batch is mostly a few topics
         for index, request in enumerate(requests):
-            space = self._space_of(request.topic)
+            topic = request.topic
+            found = heads.get(topic)
+            if found is None:
+                found = heads[topic] = (self._space_of(topic), encode_head(topic))
+            space, head = found
             part = parts.setdefault(space.name, (space, [], []))
             part[1].append(index)
-            part[2].append((request.topic, encode_head(request.topic),
-                            _data(index, request.data), request.idempotency_key or ""))
+            part[2].append((topic, head, _data(index, request.data),
+                            request.idempotency_key or ""))
         answers = await self._batches.publish([(space, events)
                                                for space, _, events in parts.values()])
         outcomes: list[Any] = [None] * len(requests)
@@ -434,11 +439,20 @@ class RedisBroker(Broker):
                 found = at[key] = len(keys)
             return found
 
+        topics: dict[str, tuple[int, list[int]]] = {}  # topic -> its stream's and channels'
+
+        def of_topic(topic: str) -> tuple[int, list[int]]:
+            found = topics.get(topic)
+            if found is None:
+                found = topics[topic] = (index(space.stream(topic)), [
+                    index(channel) for channel in self._channels(space, topic)])
+            return found
+
         keyed = self.options.dedupe_max_keys > 0 and self.options.dedupe_window > 0
-        rows = [[topic, head, data, index(space.stream(topic)),
-                 index(space.idempotency(topic, key)) if key and keyed else 0,
-                 [index(channel) for channel in self._channels(space, topic)]]
-                for topic, head, data, key in events]
+        rows = [[topic, head, data, stream,
+                 index(space.idempotency(topic, key)) if key and keyed else 0, channels]
+                for topic, head, data, key in events
+                for stream, channels in (of_topic(topic),)]
         retention, options = self.options.retention, self.options
         args = [self._new_epoch(space), retention.size, milliseconds(retention.ttl),
                 retention.max_topics,
