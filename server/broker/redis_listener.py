@@ -27,7 +27,8 @@ redis_presence.py), on the channels of events on a single Redis, or on the one
 the subscription of that very name (or, on the notices channel, when some local
 client subscribes the name); and control messages on ``control``, which one session
 subscribes whatever else it does, handed to ``on_control``. Neither is replayed
-after a lost connection.
+after a lost connection; those that arrive while a session catches up wait in its
+backlog with the events, so they keep their order with them.
 
 Health: each connection is pinged whenever it has been quiet for ``HEALTH_INTERVAL``;
 a pong overdue by ``UNREADY_AFTER`` makes the listener unready (``/readyz`` 503)
@@ -463,11 +464,9 @@ class Listener:
         kind = message["type"]
         if kind in ("message", "smessage", "pmessage"):
             target = message["pattern"] if kind == "pmessage" else message["channel"]
-            if self._other(target, message["data"]):
-                return
-            if backlog is not None:
+            if backlog is not None:  # events and presence alike: handed on in this order
                 backlog.append((message["data"], target))
-            else:
+            elif not self._other(target, message["data"]):
                 self._receive(message["data"], target)
         elif kind in _CONFIRMS:
             for ack in session.acks.pop(message["channel"], []):
@@ -551,7 +550,8 @@ class Listener:
         for event in events:
             self._accept(event)
         for payload, target in backlog:
-            self._receive(payload, target)
+            if not self._other(target, payload):
+                self._receive(payload, target)
 
     async def _missed(self, names: list[str]) -> tuple[list[Event], list[str]]:
         """The events ``names`` missed since their spaces' watermarks, and the names
