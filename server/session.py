@@ -99,7 +99,7 @@ class Session:
         self._admitted: Admitted | None = admitted
         self._expiry: asyncio.TimerHandle | None = None
         # messages waiting, as (size, message, parsed); None: none running
-        self._inbox: collections.deque[tuple[int, Message, Parsed]] | None = None
+        self._inbox: collections.deque[tuple[int, Parsed]] | None = None
         self._inbox_bytes = 0
         self._runner: asyncio.Task[None] | None = None
         self._keepalive: Keepalive | None = node.keepalive_for(wire)
@@ -185,9 +185,9 @@ class Session:
 
     def _queue(self, message: Message) -> None:
         """Parse ``message`` (now: it waits parsed) and queue it for its turn."""
-        size = 0 if isinstance(message, dict) else len(message)
+        size = _size(message)
         self._inbox_bytes += size
-        item = (size, message, self._parse_safely(message))
+        item = (size, self._parse_safely(message))
         if self._inbox is not None:
             self._inbox.append(item)
             return
@@ -202,14 +202,14 @@ class Session:
         inbox = self._inbox
         try:
             while inbox and not self.connection.closed:
-                size, message, parsed = inbox.popleft()
+                size, parsed = inbox.popleft()
                 self._inbox_bytes -= size
                 if not self._groupable(parsed):
-                    await self._on_parsed(message, parsed)
+                    await self._on_parsed(parsed)
                     continue
                 group = [(size, parsed)]
-                while inbox and len(group) < PUBLISH_GROUP and self._groupable(inbox[0][2]):
-                    size, _, parsed = inbox.popleft()
+                while inbox and len(group) < PUBLISH_GROUP and self._groupable(inbox[0][1]):
+                    size, parsed = inbox.popleft()
                     self._inbox_bytes -= size
                     group.append((size, parsed))
                 await self._publish_group(group)
@@ -223,7 +223,7 @@ class Session:
             self._runner = None
 
     def _groupable(self, parsed: Parsed) -> bool:
-        return isinstance(parsed, Publish) and self.node.auth_hook is None
+        return isinstance(parsed, Publish)
 
     def _parse_safely(self, message: Message) -> Parsed:
         try:
@@ -231,13 +231,13 @@ class Session:
         except SquallError as exc:
             return exc
 
-    async def _on_parsed(self, message: Message, parsed: Parsed) -> None:
+    async def _on_parsed(self, parsed: Parsed) -> None:
         ref = parsed.ref if isinstance(parsed, FrameError) else None
         try:
             if isinstance(parsed, SquallError):
                 raise parsed
             ref = parsed.ref
-            await self._run(parsed, message)
+            await self._run(parsed)
         except SquallError as exc:
             self._refused(exc, exc.ref if isinstance(exc, FrameError) else ref)
         except RecursionError:  # a value decoded, but too deep to encode again
@@ -261,7 +261,7 @@ class Session:
         return parse_command(value, self.node.settings.max_topic_length,
                              allow_auth=self.wire is LINES)
 
-    async def _run(self, command: Command, message: Message) -> None:
+    async def _run(self, command: Command) -> None:
         connection = self.connection
         hub = self.node.hub
         if isinstance(command, Subscribe):
@@ -272,30 +272,25 @@ class Session:
             await hub.subscribe(connection, command.topic, command.since, command.ref)
         elif isinstance(command, Unsubscribe):
             await hub.unsubscribe(connection, command.topic, command.ref)
-        elif isinstance(command, Publish):
-            if self.node.auth_hook is not None:
-                await self.node.auth_hook.publish(self.info, self.rights, command.topic)
-            else:
-                self.rights.check_publish(command.topic)
-            await self._publish(command, _size(message))
         elif isinstance(command, Ping):
             connection.send(with_ref({"type": "pong"}, command.ref))
         elif isinstance(command, Auth):
             self._authenticate(command)
 
-    async def _publish(self, command: Publish, size: int) -> None:
-        [published] = await self.node.hub.publish([self._request(command, size)])
-        self._published(command, published)
-
     async def _publish_group(self, group: list[tuple[int, Parsed]]) -> None:
         """Publish each of ``group`` (publish commands and their sizes, in order) in one
-        broker call; a refused one gets its error frame in its place among the replies."""
+        broker call; a refused one gets its error frame in its place among the replies.
+        With an auth hook, it decides each one first, in order."""
         outcomes: list[Published | SquallError] = []
         requests: list[PublishRequest] = []
+        hook = self.node.auth_hook
         for size, command in group:
             assert isinstance(command, Publish)
             try:
-                self.rights.check_publish(command.topic)
+                if hook is not None:
+                    await hook.publish(self.info, self.rights, command.topic)
+                else:
+                    self.rights.check_publish(command.topic)
                 requests.append(self._request(command, size))
             except SquallError as exc:
                 outcomes.append(exc)
@@ -329,9 +324,6 @@ class Session:
         if size > limit and self._encoded_size(command.data) > limit:
             raise SquallError("payload_too_large", f"data is larger than {limit} bytes")
         return PublishRequest(command.topic, command.data, command.idempotency_key)
-
-    def _published(self, command: Publish, published: Published) -> None:
-        self.connection.enqueue(self._published_frame(command, published))
 
     def _published_frame(self, command: Publish, published: Published) -> bytes:
         """The ``published`` reply's bytes (the common JSON one formatted directly)."""

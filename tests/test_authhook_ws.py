@@ -105,3 +105,19 @@ async def test_the_webhook_alone_turns_auth_on_and_decides_publishes(backend, ws
     assert (await client.recv_type("error"))["code"] == "forbidden"
     asked = [(q["action"], q.get("topic")) for q in backend[0].questions]
     assert asked == [("connect", None), ("publish", "room.2"), ("publish", "room.3")]
+
+
+@pytest.mark.gen_test(timeout=20)
+async def test_pipelined_publishes_are_each_decided_and_answered_in_order(backend, ws_connect):
+    client = await ws_connect(query="user=alice")
+    watcher = await ws_connect(query="user=alice")
+    await watcher.subscribe("room.2")
+    for ref, topic in enumerate(["room.2", "room.3", "room.2", "room.2"]):
+        await client.send({"type": "publish", "topic": topic, "data": ref, "ref": ref})
+    replies = [await client.recv() for _ in range(4)]
+    assert [(reply["type"], reply["ref"]) for reply in replies] == [
+        ("published", 0), ("error", 1), ("published", 2), ("published", 3)]
+    assert replies[1]["code"] == "forbidden"
+    assert [event["data"] for event in await watcher.events(3)] == [0, 2, 3]
+    asked = [q.get("topic") for q in backend[0].questions if q["action"] == "publish"]
+    assert asked == ["room.2", "room.3", "room.2", "room.2"]
