@@ -144,7 +144,7 @@ class Connection:
         self.closed = False
         self.dropped_frames = 0  # frames thrown away when this closed as a slow consumer
         # owned by the hub: subscribed names, and live events held back during a replay
-        self.subscriptions: dict[str, None] = {}
+        self.subscriptions: dict[str, bool] = {}  # name -> its presence entry was written
         self.hold: Any = None
         self._transport = transport
         self._flusher = flusher

@@ -207,8 +207,9 @@ class Hub:
         self._unindex(connection)
         connection.info = info
         self._index(connection)
-        if self.presence is not None and connection.subscriptions:
-            self.presence.rewrite(connection, list(connection.subscriptions))
+        joined = [name for name, entry in connection.subscriptions.items() if entry]
+        if self.presence is not None and joined:
+            self.presence.rewrite(connection, joined)
 
     def disconnect(self, request: Disconnect) -> int:
         """Close the connections ``request`` names (an operator's disconnect), letting
@@ -384,6 +385,7 @@ class Hub:
                 name not in connection.subscriptions):
             return
         presence.joined(connection, name)
+        connection.subscriptions[name] = True
         await presence.written(connection, name, self.presence_timeout)
 
     def deliver_presence(self, name: str, notices: list[PresenceNotice]) -> None:
@@ -411,6 +413,17 @@ class Hub:
             for connection in list(self.router.exact(name)):
                 self.presence.rewrite(connection, (name,))
 
+    def presence_entries(self) -> dict[str, list[tuple[str, bytes]]]:
+        """Every local subscription's presence entry, by name (what a rewrite of this
+        node's presence writes)."""
+        presence = self.presence
+        if presence is None:
+            return {}
+        return {name: [(connection.info.id, presence.entry_of(connection))
+                       for connection in self.router.exact(name)
+                       if connection.subscriptions.get(name)]
+                for name, _ in self.router.names()}
+
     def subscriber_counts(self) -> dict[str, int]:
         """Local subscribers per subscribed name (topics and patterns)."""
         return dict(self.router.names())
@@ -425,7 +438,7 @@ class Hub:
         name), nothing of it delivered, and the error raised to each.
         """
         held = name in connection.subscriptions
-        connection.subscriptions[name] = None
+        connection.subscriptions.setdefault(name, False)
         self.router.add(name, connection)
         if name in self._in_broker:
             return
@@ -451,10 +464,10 @@ class Hub:
             del self._subscribing[name]
 
     def _remove(self, connection: Connection, name: str) -> None:
-        if name in connection.subscriptions:
-            del connection.subscriptions[name]
-            if self.presence is not None:
-                self.presence.left(connection, name)
+        # only a subscription whose entry was written has one to take out: a subscribe
+        # that failed (while the broker is away, say) leaves nothing for the writer
+        if connection.subscriptions.pop(name, False) and self.presence is not None:
+            self.presence.left(connection, name)
         if self.router.remove(name, connection):
             task = asyncio.get_running_loop().create_task(self._unsubscribe_broker(name))
             self._edges.add(task)

@@ -62,6 +62,7 @@ class Node:
                        presence=Presence(self.presence, self.name,
                                          self.broker.options.presence),
                        presence_timeout=settings.broker_timeout)
+        self.presence.snapshot = self.hub.presence_entries
         self.keepalive = Keepalive(settings.ping_interval, settings.ping_timeout)
         self.heartbeat = Keepalive(settings.sse_heartbeat, 0)  # answered by no one
         # made here, in the worker: ids are unique across workers and nodes

@@ -8,7 +8,11 @@ this node's changes in batches: whatever changed while one batch was under way g
 in the next, in order, at most ``max_batch`` changes a call, so a storm of subscribes
 costs a few broker calls, not one per client. A join and a leave of one client and
 name that were never sent cancel out; a batch that failed goes again (the broker's
-updates are idempotent) after ``retry`` seconds.
+updates are idempotent) after ``retry`` seconds. Changes wait for a broker that does
+not answer up to ``max_pending`` of them: past that they are dropped, and once the
+broker answers the node's whole presence is written as it is then (``snapshot``,
+``Broker.replace_presence``), which also takes out every entry the dropped changes
+would have removed. Memory stays bounded however long the outage and its churn.
 
 Join and leave frames (names matching ``presence_topics``)::
 
@@ -27,7 +31,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Collection, Iterator
+from collections.abc import Callable, Collection, Iterator, Mapping, Sequence
 from typing import Any, NamedTuple
 
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
@@ -43,6 +47,7 @@ from server.wire import WireFormat
 log = logging.getLogger("squall.presence")
 
 MAX_BATCH = 1000  # changes per broker call at most
+MAX_PENDING = 50_000  # changes waiting at most; past it, one rewrite of everything instead
 RETRY = 0.5  # seconds before a failed batch goes again
 ECHO_GRACE = 1.0  # seconds a written join may take to come back before frames flow anyway
 MAX_LIST = 1000  # entries a presence query returns at most (docs/protocol.md)
@@ -64,12 +69,18 @@ class _Pending(NamedTuple):
 class PresenceWriter:
     """This node's presence changes on their way to the broker (see the module)."""
 
-    def __init__(self, broker: Broker, max_batch: int = MAX_BATCH, retry: float = RETRY) -> None:
+    def __init__(self, broker: Broker, max_batch: int = MAX_BATCH, retry: float = RETRY,
+                 max_pending: int = MAX_PENDING) -> None:
         self.broker = broker
         self.max_batch = max_batch
         self.retry = retry
+        self.max_pending = max_pending
+        # every entry of this node, name -> (client id, entry) pairs (the hub's, set late)
+        self.snapshot: Callable[[], Mapping[str, Sequence[tuple[str, bytes]]]] | None = None
         self.batches = 0  # broker calls made, for metrics
         self.failures = 0
+        self.rewrites = 0  # times the changes overflowed and everything was written anew
+        self._rewrite = False  # the next call writes everything anew (see the module)
         self._pending: dict[tuple[str, str], _Pending] = {}
         self._seq = 0  # of the latest change
         self._attempted = 0  # every change up to this seq has been sent once
@@ -107,7 +118,7 @@ class PresenceWriter:
         """Wait until every change made so far has been sent once: True if the broker
         applied it, False if that failed (it goes again) or ``timeout`` passed."""
         seq = self._seq
-        if self._attempted >= seq or (not self._pending and not self._flying):
+        if self._attempted >= seq or not (self._pending or self._rewrite or self._flying):
             return True
         waiter: asyncio.Future[bool] = asyncio.get_running_loop().create_future()
         self._waiters.append((seq, waiter))
@@ -118,7 +129,7 @@ class PresenceWriter:
 
     async def close(self, timeout: float) -> int:
         """Send what is pending, for up to ``timeout``; stop; return the changes left."""
-        if self._pending and self._task is not None:
+        if (self._pending or self._rewrite) and self._task is not None:
             await self.written(timeout)
         await stop(self._task)
         self._task = None
@@ -129,16 +140,56 @@ class PresenceWriter:
     def _put(self, name: str, client: str, remove_first: bool, entry: bytes | None,
              fresh: bool) -> None:
         self._seq += 1
-        self._pending[(name, client)] = _Pending(remove_first, entry, fresh, self._seq)
         self._wakeup.set()
+        if self._rewrite:
+            return  # the rewrite's snapshot, taken when it is sent, has this change
+        self._pending[(name, client)] = _Pending(remove_first, entry, fresh, self._seq)
+        self._bound()
+
+    def _bound(self) -> None:
+        if len(self._pending) <= self.max_pending or self.snapshot is None:
+            return
+        log.warning("%d presence changes are waiting for the broker: dropped; this node's "
+                    "whole presence is written anew once the broker answers",
+                    len(self._pending))
+        self._pending.clear()
+        self._rewrite = True
+        self.rewrites += 1
 
     async def _run(self) -> None:
         while True:
             await self._wakeup.wait()
             self._wakeup.clear()
-            while self._pending:
-                if not await self._write_batch():
+            while self._pending or self._rewrite:
+                written = await (self._write_all() if self._rewrite else self._write_batch())
+                if not written:
                     await asyncio.sleep(self.retry)
+
+    async def _write_all(self) -> bool:
+        """Write this node's whole presence as it is now (``snapshot``)."""
+        assert self.snapshot is not None
+        upto = self._seq
+        entries = self.snapshot()
+        self._rewrite = False  # changes from now on come after this snapshot
+        self.batches += 1
+        self._flying = True
+        try:
+            await self.broker.replace_presence(entries)
+        except (BrokerUnavailable, TimeoutError) as exc:
+            self.failures += 1
+            log.debug("rewriting this node's presence failed: %s", exc)
+            self._pending.clear()  # the next snapshot has them
+            self._rewrite = True
+            self._settle(upto, False)
+            return False
+        except BaseException:
+            self._pending.clear()
+            self._rewrite = True
+            raise
+        finally:
+            self._flying = False
+        self._settle(upto if self._pending or self._rewrite else self._seq, True)
+        return True
 
     async def _write_batch(self) -> bool:
         batch = self._take()
@@ -160,7 +211,7 @@ class PresenceWriter:
             raise
         finally:
             self._flying = False
-        self._settle(self._seq if not self._pending else upto, True)
+        self._settle(upto if self._pending or self._rewrite else self._seq, True)
         return True
 
     def _take(self) -> dict[tuple[str, str], _Pending]:
@@ -187,6 +238,7 @@ class PresenceWriter:
                                              or later.remove_first, fresh=False)
         merged.update(self._pending)
         self._pending = merged
+        self._bound()
 
     def _settle(self, upto: int, applied: bool) -> None:
         self._attempted = max(self._attempted, upto)
@@ -208,6 +260,9 @@ def presence_metrics(writer: PresenceWriter) -> Iterator[Metric]:
                               "did not confirm (sent again)", value=writer.failures)
     yield GaugeMetricFamily("squall_presence_pending", "Presence changes waiting for the "
                             "broker", value=len(writer))
+    yield CounterMetricFamily("squall_presence_rewrites", "Times the presence changes "
+                              "waiting for the broker passed their bound and the node's "
+                              "whole presence was written anew", value=writer.rewrites)
 
 
 def _changes(name: str, client: str, pending: _Pending) -> Iterator[PresenceChange]:
@@ -290,13 +345,16 @@ class Presence:
         self.writer.remove(name, connection.info.id)
         self._stop_awaiting(name, connection)
 
+    def entry_of(self, connection: Connection) -> bytes:
+        """``connection``'s presence entry."""
+        return entry(connection.info, self.node)
+
     def rewrite(self, connection: Connection, names: Collection[str]) -> None:
         """Write ``connection``'s entries of ``names`` again: its identity changed, or
         the broker lost them."""
-        info: ClientInfo = connection.info
-        record = entry(info, self.node)
+        record = self.entry_of(connection)
         for name in names:
-            self.writer.add(name, info.id, record, fresh=False)
+            self.writer.add(name, connection.info.id, record, fresh=False)
 
     async def written(self, connection: Connection, name: str, timeout: float) -> None:
         """Wait (up to ``timeout``) until the join of ``connection`` to ``name`` is

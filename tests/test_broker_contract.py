@@ -463,6 +463,28 @@ async def test_joins_and_leaves_of_announced_names_reach_on_presence_in_order(ma
                              ("room.a", "leave", "c2")]
 
 
+async def test_replacing_a_nodes_presence_announces_and_weighs_only_the_difference(
+        make_broker):
+    broker, _ = await make_broker(subscribe=["room.a", "room.b"],
+                                  presence=presence_options(debounce=0))
+    heard = Heard(broker)
+    await broker.update_presence([add("room.a", "c1"), add("room.a", "c2"), add("room.b", "c3")])
+    await heard.until(lambda: len(heard.notices) == 3)
+    await broker.replace_presence({"room.a": [("c1", entry("c1")), ("c4", entry("c4"))],
+                                   "quiet.c": [("c5", entry("c5"))]})
+    await heard.until(lambda: len(heard.notices) == 6 and len(heard.lifecycle) == 4)
+    assert heard.notices[3:] == [("room.a", "leave", "c2"), ("room.a", "join", "c4"),
+                                 ("room.b", "leave", "c3")]  # c1 unchanged: nothing said
+    assert sorted(heard.lifecycle) == sorted([("room.a", OCCUPIED), ("room.b", OCCUPIED),
+                                              ("room.b", VACATED), ("quiet.c", OCCUPIED)])
+    listed = {name: sorted(found["id"] for found in (await broker.presence(name, 10)).entries)
+              for name in ("room.a", "room.b", "quiet.c")}
+    assert listed == {"room.a": ["c1", "c4"], "room.b": [], "quiet.c": ["c5"]}
+    await broker.replace_presence({})
+    for name in ("room.a", "quiet.c"):
+        assert (await broker.presence(name, 10)).count == 0
+
+
 async def test_a_presence_change_applied_twice_counts_once(make_broker):
     broker, _ = await make_broker(subscribe=["room.b"], presence=presence_options())
     heard = Heard(broker)

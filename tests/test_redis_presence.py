@@ -7,12 +7,14 @@ tests/test_presence_nodes.py.
 from __future__ import annotations
 
 import asyncio
+import json
 from collections.abc import Iterator
 from typing import Any
 
 import pytest
 from tornado.ioloop import IOLoop
 
+from config.settings import Settings
 from server.broker.base import OCCUPIED, VACATED, BrokerOptions, Disconnect, PresenceOptions
 from server.broker.redis import RedisBroker
 from tests.test_broker_contract import Heard, Received, add, gone
@@ -148,3 +150,42 @@ async def test_presence_state_expires_on_its_own(brokers, redis_server):
         assert {b"squall:presence:nodes", b"squall:presence:vacating"} <= set(keys)
         for key in keys:
             assert 0 < admin.pttl(key) <= keep + 5000, key
+
+
+# -- a node's changes past their bound while Redis does not answer ------------------------
+
+
+@pytest.fixture
+def squall_settings(redis_url: str) -> Settings:
+    return Settings(broker=redis_url, ping_interval=0, broker_timeout=0.5,
+                    presence_topics=("room.>",))
+
+
+async def test_changes_past_their_bound_become_one_rewrite_that_misses_nothing(
+        node, ws_connect, redis_server, http_client, base_url):
+    """Redis frozen while clients leave: past ``max_pending`` the writer drops its
+    changes and, once Redis answers, writes the node's whole presence anew, so that the
+    entries of those who left are removed (and their leaves announced) all the same."""
+    writer = node.presence
+    writer.max_pending = 2
+    watcher = await ws_connect()
+    await watcher.subscribe("room.q")
+    ghosts = [await ws_connect() for _ in range(3)]
+    for ghost in ghosts:
+        await ghost.subscribe("room.q")
+    joins = [await watcher.recv_type("join") for _ in ghosts]
+    redis_server.freeze()
+    try:
+        for ghost in ghosts:
+            await ghost.socket.close()
+        await eventually(lambda: writer.rewrites == 1, what="the changes dropped")
+        assert len(writer) == 0
+    finally:
+        redis_server.thaw()
+    leaves = [await watcher.recv_type("leave", timeout=10) for _ in ghosts]
+    assert sorted(leave["client"]["id"] for leave in leaves) == sorted(
+        join["client"]["id"] for join in joins)
+    response = await http_client.fetch(f"{base_url}/v1/topics/room.q/presence")
+    listed = json.loads(response.body)
+    assert (listed["count"], len(listed["clients"])) == (1, 1)
+    assert writer.rewrites == 1 and len(writer) == 0

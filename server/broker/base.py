@@ -63,6 +63,20 @@ class PresenceChange(NamedTuple):
     entry: bytes | None
 
 
+def presence_difference(held: Mapping[str, Mapping[str, bytes]],
+                        wanted: Mapping[str, Sequence[tuple[str, bytes]]],
+                        ) -> list[PresenceChange]:
+    """The changes that turn a node's entries ``held`` (name -> client -> entry) into
+    ``wanted`` (see ``Broker.replace_presence``): leaves first, then joins and updates."""
+    changes: list[PresenceChange] = []
+    for name in sorted({*held, *wanted}):
+        old, new = held.get(name, {}), dict(wanted.get(name, ()))
+        changes += [PresenceChange(name, client, None) for client in old if client not in new]
+        changes += [PresenceChange(name, client, entry) for client, entry in new.items()
+                    if old.get(client) != entry]
+    return changes
+
+
 @dataclass(frozen=True)
 class PresenceList:
     """Who is subscribed to a name: ``count`` entries on live nodes, at most ``limit``
@@ -224,6 +238,14 @@ class Broker(abc.ABC):
     async def update_presence(self, changes: Sequence[PresenceChange]) -> None:
         """Apply this node's presence changes in order (see the class); raises
         ``BrokerUnavailable`` when that cannot be confirmed in time."""
+
+    @abc.abstractmethod
+    async def replace_presence(self, entries: Mapping[str, Sequence[tuple[str, bytes]]],
+                               ) -> None:
+        """Make this node's presence exactly ``entries`` (name -> ``(client id, entry)``
+        pairs; a name left out has none of this node's clients), announcing and weighing
+        what that changes as ``update_presence`` would; ``BrokerUnavailable``. For a node
+        whose changes piled up past their bound while the broker did not answer."""
 
     @abc.abstractmethod
     async def presence(self, name: str, limit: int) -> PresenceList:

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import itertools
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from typing import Protocol
 
 from server.broker.base import (
@@ -23,6 +23,7 @@ from server.broker.base import (
     PresenceList,
     PresenceNotice,
     PresenceOptions,
+    presence_difference,
 )
 from server.codec import load_json
 
@@ -54,6 +55,10 @@ class LocalPresence:
             if notices and self.options.announces(name):
                 self._listeners.on_presence(name, notices)
             self._weigh(name)
+
+    def replace(self, entries: Mapping[str, Sequence[tuple[str, bytes]]]) -> None:
+        """This process's entries become exactly ``entries``."""
+        self.apply(presence_difference(self._entries, entries))
 
     def listing(self, name: str, limit: int) -> PresenceList:
         entries = self._entries.get(name, {})

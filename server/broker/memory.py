@@ -5,7 +5,7 @@ from __future__ import annotations
 import asyncio
 import secrets
 import time
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 
 from server.broker.base import (
     Broker,
@@ -97,6 +97,12 @@ class MemoryBroker(Broker):
         if self._closed:
             raise BrokerUnavailable("the broker is closed")
         self._presence.apply(changes)
+
+    async def replace_presence(self, entries: Mapping[str, Sequence[tuple[str, bytes]]],
+                               ) -> None:
+        if self._closed:
+            raise BrokerUnavailable("the broker is closed")
+        self._presence.replace(entries)
 
     async def presence(self, name: str, limit: int) -> PresenceList:
         return self._presence.listing(name, limit)

@@ -99,6 +99,7 @@ from server.broker.redis_keys import (
     glob,
     milliseconds,
     node_key,
+    run,
 )
 from server.broker.redis_listener import Listener, Shards, Target
 from server.broker.redis_lua import (
@@ -129,15 +130,6 @@ COUNTS_TTL = 3 * COUNTS_INTERVAL
 # RedisClusterException (no master known for a slot, no node answers) is no RedisError
 
 
-async def run(pipeline: Any, **options: Any) -> list[Any]:
-    """A pipeline's answers. redis-py's cluster pipeline may meet a connection closed
-    under it while the cluster changes and raise AttributeError from inside (its issue
-    3835): that counts as the lost connection it is."""
-    try:
-        answers: list[Any] = await pipeline.execute(**options)
-    except AttributeError as exc:
-        raise ConnectionError(f"the redis connection closed under a pipeline ({exc})") from exc
-    return answers
 _PASSING = (ClusterDownError, TryAgainError)  # what a cluster answers while it fails over
 # Events in one call of the publish script at most, when publishes are grouped.
 MAX_SCRIPT_EVENTS = 1000
@@ -362,6 +354,12 @@ class RedisBroker(Broker):
         if self._closed:
             raise BrokerUnavailable("the broker is closed")
         await self._presence.apply(changes)
+
+    async def replace_presence(self, entries: Mapping[str, Sequence[tuple[str, bytes]]],
+                               ) -> None:
+        if self._closed:
+            raise BrokerUnavailable("the broker is closed")
+        await self._presence.replace(entries)
 
     async def presence(self, name: str, limit: int) -> PresenceList:
         if self._closed:

@@ -71,8 +71,8 @@ from redis.exceptions import (
 
 from server.broker.base import BrokerOptions, EventHandler
 from server.broker.memory import new_epoch
-from server.broker.redis import MAX_CONNECTIONS, RedisBroker, run
-from server.broker.redis_keys import FAILURES, PREFIX, Space, as_text, describe
+from server.broker.redis import MAX_CONNECTIONS, RedisBroker
+from server.broker.redis_keys import FAILURES, PREFIX, Space, as_text, describe, run
 from server.broker.redis_listener import Shards, Target
 from server.broker.redis_lua import POSITION, PUBLISH
 from server.broker.redis_presence import CLUSTER_WIRE

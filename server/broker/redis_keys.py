@@ -167,3 +167,14 @@ def as_text(value: Any) -> str:
 def describe(exc: BaseException) -> str:
     """An exception for a log line: its type, and its message when it has one."""
     return f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__
+
+
+async def run(pipeline: Any, **options: Any) -> list[Any]:
+    """A pipeline's answers. redis-py's cluster pipeline may meet a connection closed
+    under it while the cluster changes and raise AttributeError from inside (its issue
+    3835): that counts as the lost connection it is."""
+    try:
+        answers: list[Any] = await pipeline.execute(**options)
+    except AttributeError as exc:
+        raise ConnectionError(f"the redis connection closed under a pipeline ({exc})") from exc
+    return answers

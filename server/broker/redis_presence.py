@@ -36,7 +36,7 @@ import asyncio
 import contextlib
 import dataclasses
 import logging
-from collections.abc import AsyncIterator, Iterable, Sequence
+from collections.abc import AsyncIterator, Iterable, Mapping, Sequence
 from typing import Any, Protocol
 
 import msgpack
@@ -56,6 +56,7 @@ from server.broker.base import (
     PresenceList,
     PresenceNotice,
     PresenceOptions,
+    presence_difference,
 )
 from server.broker.redis_keys import (
     FAILURES,
@@ -64,6 +65,7 @@ from server.broker.redis_keys import (
     as_text,
     describe,
     milliseconds,
+    run,
 )
 from server.broker.redis_presence_lua import APPLY, LIST, LIVE, REAP, REFRESH, SWEEP, VACATE
 from server.errors import BrokerUnavailable
@@ -206,6 +208,34 @@ class RedisPresence:
                 self.node_id, self.keep, self.alive, self.debounce, CHANNEL,
                 self.wire.notices, packed])
         self._decided(decided)
+
+    async def replace(self, entries: Mapping[str, Sequence[tuple[str, bytes]]]) -> None:
+        """This node's entries become exactly ``entries``: the names it has entries in
+        (its ``names`` set) and those of ``entries``, ``REAP_CHUNK`` at a time, each
+        chunk's hashes read, then the difference applied as ordinary changes (only
+        this node writes its hashes, and its writer sends one call at a time)."""
+        names = set(entries)
+        cursor = 0
+        while True:
+            async with self._answer("presence"):
+                cursor, found = await self._client.sscan(self._names, cursor, count=REAP_CHUNK)
+            names.update(as_text(name) for name in found)
+            if cursor == 0:
+                break
+        ordered = sorted(names)
+        for at in range(0, len(ordered), REAP_CHUNK):
+            chunk = ordered[at:at + REAP_CHUNK]
+            async with self._answer("presence"):
+                reads = self._client.pipeline(transaction=False)
+                for name in chunk:
+                    reads.hgetall(self.wire.of(name, self.node_id)[0])
+                found_entries = await run(reads)
+            held = {name: {as_text(client): entry for client, entry in hash_.items()}
+                    for name, hash_ in zip(chunk, found_entries, strict=True)}
+            changes = presence_difference(held, {name: entries[name] for name in chunk
+                                                 if name in entries})
+            if changes:
+                await self.apply(changes)
 
     async def listing(self, name: str, limit: int) -> PresenceList:
         """The live nodes' entries of ``name``: their nodes, then their hashes (two
