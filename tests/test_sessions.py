@@ -9,6 +9,7 @@ starts with an HTTP error, and it takes no frames from the client.
 
 from __future__ import annotations
 
+import asyncio
 import json
 from typing import Any
 
@@ -223,21 +224,52 @@ async def test_connections_over_the_limit_are_refused_with_4029(open_client, tra
     await again.recv_type("subscribed")
 
 
+async def flood(http_client, base_url: str, topic: str, count: int,
+                received: list[int] | None = None) -> None:
+    """``count`` events of 1 KB to ``topic``, 250 a batch; each batch once ``received``
+    (when given) has the one before it, as a client that reads would."""
+    pad = "x" * 1000
+    for start in range(0, count, 250):
+        if received is not None:
+            await eventually(lambda start=start: len(received) >= start, what="the reader",
+                             every=0.005)
+        events = [{"topic": topic, "data": {"n": n, "pad": pad}}
+                  for n in range(start, start + 250)]
+        response = await http_client.fetch(f"{base_url}/v1/events", method="POST",
+                                           body=json.dumps({"events": events}))
+        assert response.code == 202
+
+
 @pytest.mark.settings(send_queue_bytes=64 * 1024)
 async def test_a_client_that_stops_reading_is_closed_with_4008(open_client, http_client,
                                                                base_url, node):
     stalled = await open_client(("firehose",), rcvbuf=4096)
     await stalled.recv_type("subscribed")
-    pad = "x" * 1000
-    for start in range(0, 5000, 250):  # 5 MB: more than the kernel buffers
-        events = [{"topic": "firehose", "data": {"n": n, "pad": pad}}
-                  for n in range(start, start + 250)]
-        response = await http_client.fetch(f"{base_url}/v1/events", method="POST",
-                                           body=json.dumps({"events": events}))
-        assert response.code == 202
+    await flood(http_client, base_url, "firehose", 5000)  # 5 MB: more than kernel buffers
     await eventually(lambda: not node.hub.connections, what="the slow consumer closed")
     assert node.hub.slow_closes == 1
     assert await stalled.closed_with() == 4008  # after what was in flight
+
+
+async def test_a_client_that_stops_reading_costs_one_that_reads_nothing(
+        open_client, http_client, base_url, node):
+    stalled = await open_client(("firehose",), rcvbuf=4096)
+    await stalled.recv_type("subscribed")
+    healthy = await open_client(("firehose",))
+    await healthy.recv_type("subscribed")
+    count, received = 10_000, []  # 10 MB: past the stalled one's queue and kernel buffers
+
+    async def read() -> None:
+        while len(received) < count:
+            received.append((await healthy.recv_type("event"))["data"]["n"])
+
+    reading = asyncio.ensure_future(read())
+    await flood(http_client, base_url, "firehose", count, received)
+    await asyncio.wait_for(reading, 30)
+    assert received == list(range(count))
+    await eventually(lambda: node.hub.slow_closes == 1, what="the slow consumer closed")
+    assert len(node.hub.connections) == 1
+    assert await stalled.closed_with() == 4008
 
 
 @AUTH_ON
