@@ -411,7 +411,8 @@ class Hub:
             return
         for name in names:
             for connection in list(self.router.exact(name)):
-                self.presence.rewrite(connection, (name,))
+                if connection.subscriptions.get(name):  # its entry was written
+                    self.presence.rewrite(connection, (name,))
 
     def presence_entries(self) -> dict[str, list[tuple[str, bytes]]]:
         """Every local subscription's presence entry, by name (what a rewrite of this
