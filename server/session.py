@@ -98,7 +98,7 @@ class Session:
                                      node.settings.send_queue_bytes, admitted.info)
         self._admitted: Admitted | None = admitted
         self._expiry: asyncio.TimerHandle | None = None
-        # messages waiting, as (size, message, parsed); None: none running
+        # messages waiting, as (size, parsed); None: none running
         self._inbox: collections.deque[tuple[int, Parsed]] | None = None
         self._inbox_bytes = 0
         self._runner: asyncio.Task[None] | None = None
