@@ -10,7 +10,8 @@ an unsubscribe, a shutdown) fans the pending runs out first.
 
 A subscribe with ``since`` replays history before live events. While a connection
 has a replay (or a broker subscribe) under way, its live events are held back
-(bounded by its queue limit) and released after it, minus those the replay already
+(bounded by its queue limit: one whose other topics fill it before the broker answers
+is closed as a slow consumer) and released after it, minus those the replay already
 carried and those of a subscription that failed meanwhile: no gap, no duplicate,
 whatever the broker's latency, and nothing of a name the client was told it does not
 hold (it would resume from such an event, past what it never got).

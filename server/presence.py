@@ -227,7 +227,10 @@ class PresenceWriter:
     def _put_back(self, batch: dict[tuple[str, str], _Pending]) -> None:
         """A batch that failed goes before what changed since; a later change of the same
         client and name comes after it (so a leave that may not have been applied is
-        sent again before a later add)."""
+        sent again before a later add). While a rewrite is due, nothing: its snapshot,
+        taken when it is sent, covers the batch, which must not be sent after it."""
+        if self._rewrite:
+            return
         merged: dict[tuple[str, str], _Pending] = {}
         for key, failed in batch.items():
             later = self._pending.pop(key, None)

@@ -198,14 +198,18 @@ class Session:
         """Run the waiting messages in order, until there are none (or the client closed).
 
         Consecutive publishes (pipelined, or read together) go to the broker in one
-        call, up to ``PUBLISH_GROUP`` of them; their replies keep their order."""
+        call, up to ``PUBLISH_GROUP`` of them; their replies keep their order. A publish
+        the auth hook must decide is a group of its own."""
         inbox = self._inbox
         try:
             while inbox and not self.connection.closed:
                 size, parsed = inbox.popleft()
                 self._inbox_bytes -= size
                 if not self._groupable(parsed):
-                    await self._on_parsed(parsed)
+                    if isinstance(parsed, Publish):  # the auth hook decides it: alone
+                        await self._publish_group([(size, parsed)])
+                    else:
+                        await self._on_parsed(parsed)
                     continue
                 group = [(size, parsed)]
                 while inbox and len(group) < PUBLISH_GROUP and self._groupable(inbox[0][1]):
@@ -223,7 +227,10 @@ class Session:
             self._runner = None
 
     def _groupable(self, parsed: Parsed) -> bool:
-        return isinstance(parsed, Publish)
+        """A publish the grant decides. One the auth hook must decide goes alone, so
+        that the publishes before it are not kept waiting for the backend's answers."""
+        return isinstance(parsed, Publish) and (
+            self.node.auth_hook is None or self.rights.may_publish(parsed.topic))
 
     def _parse_safely(self, message: Message) -> Parsed:
         try:

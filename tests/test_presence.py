@@ -13,6 +13,7 @@ import pytest
 from tornado.httpclient import AsyncHTTPClient, HTTPResponse
 
 from server import signals
+from server.errors import BrokerUnavailable
 from tests.auth_support import API_KEY, SECRET, bearer, token
 from tests.transport_clients import HttpRefused
 from tests.waiting import eventually
@@ -377,3 +378,37 @@ async def test_presence_writes_are_counted_in_the_metrics(ws_connect, http_clien
     assert values["squall_presence_writes_total"] >= 1
     assert values["squall_presence_write_failures_total"] == 0
     assert values["squall_presence_pending"] == 0
+
+
+@pytest.mark.settings(broker_timeout=0.3)
+async def test_a_batch_that_failed_during_an_overflow_is_not_sent_after_the_rewrite(
+        ws_connect, node, monkeypatch):
+    """A join in flight when the changes overflow, then failing: the rewrite's snapshot
+    (without that client, who left) must be the last word, not the stale join."""
+    writer, broker = node.presence, node.broker
+    writer.max_pending = 1
+    flying, failing = asyncio.Event(), asyncio.Event()
+    update = broker.update_presence
+
+    async def fail_first(changes):
+        if failing.is_set():
+            return await update(changes)
+        flying.set()
+        await failing.wait()
+        raise BrokerUnavailable("the broker did not answer (test)")
+
+    monkeypatch.setattr(broker, "update_presence", fail_first)
+    ghost = await ws_connect()
+    await ghost.send({"type": "subscribe", "topic": "room.a"})
+    await asyncio.wait_for(flying.wait(), 5)  # the ghost's join is with the broker
+    await ghost.recv_type("subscribed")  # after the presence timeout
+    await ghost.socket.close()
+    stays = await ws_connect()
+    await stays.send({"type": "subscribe", "topic": "room.a"})
+    await eventually(lambda: writer.rewrites == 1, what="the overflow")
+    failing.set()
+    await stays.recv_type("subscribed")
+    assert await writer.written(5)
+    listed = await broker.presence("room.a", 10)
+    assert [entry["id"] for entry in listed.entries] == [
+        next(iter(node.hub.connections)).info.id]

@@ -27,6 +27,8 @@ from server.broker.base import (
 )
 from server.codec import load_json
 
+CHANGES_CHUNK = 1000  # changes applied at a time by a rewrite, as the node's writer sends them
+
 
 class Listeners(Protocol):
     """Where the broker's callbacks are (read at each call: the node sets them late)."""
@@ -57,8 +59,11 @@ class LocalPresence:
             self._weigh(name)
 
     def replace(self, entries: Mapping[str, Sequence[tuple[str, bytes]]]) -> None:
-        """This process's entries become exactly ``entries``."""
-        self.apply(presence_difference(self._entries, entries))
+        """This process's entries become exactly ``entries``, in steps of ``CHANGES_CHUNK``
+        changes (each name's frames of a bounded size)."""
+        changes = presence_difference(self._entries, entries)
+        for first in range(0, len(changes), CHANGES_CHUNK):
+            self.apply(changes[first:first + CHANGES_CHUNK])
 
     def listing(self, name: str, limit: int) -> PresenceList:
         entries = self._entries.get(name, {})

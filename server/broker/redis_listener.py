@@ -27,8 +27,10 @@ redis_presence.py), on the channels of events on a single Redis, or on the one
 the subscription of that very name (or, on the notices channel, when some local
 client subscribes the name); and control messages on ``control``, which one session
 subscribes whatever else it does, handed to ``on_control``. Neither is replayed
-after a lost connection; those that arrive while a session catches up wait in its
-backlog with the events, so they keep their order with them.
+after a lost connection; presence messages that arrive while a session catches up
+wait in its backlog with the events, after the events caught up from history (which
+may include a few published after them; before, they overtook the whole gap). Control
+messages need no order and are handed on at once.
 
 Health: each connection is pinged whenever it has been quiet for ``HEALTH_INTERVAL``;
 a pong overdue by ``UNREADY_AFTER`` makes the listener unready (``/readyz`` 503)
@@ -464,8 +466,8 @@ class Listener:
         kind = message["type"]
         if kind in ("message", "smessage", "pmessage"):
             target = message["pattern"] if kind == "pmessage" else message["channel"]
-            if backlog is not None:  # events and presence alike: handed on in this order
-                backlog.append((message["data"], target))
+            if backlog is not None and target != self._control:
+                backlog.append((message["data"], target))  # events and presence, in order
             elif not self._other(target, message["data"]):
                 self._receive(message["data"], target)
         elif kind in _CONFIRMS:

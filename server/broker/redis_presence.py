@@ -78,6 +78,7 @@ CHANNEL = SINGLE_SPACE.prefix + "event:"  # + name: the channel of its notices (
 MARK = b"\x93"  # a presence message is a msgpack array of three; an event, of four
 REFRESH_CHUNK = 500  # names per refresh script call
 REAP_CHUNK = 200  # names of a dead node per clean-up script call
+CHANGES_CHUNK = 1000  # changes per script call of a rewrite, as the node's writer sends them
 SWEEP_MOST = 100  # dead nodes and ended debounces read per sweep
 LOG_EVERY = 10.0
 _DECISIONS = {"occupied": OCCUPIED, "vacated": VACATED}
@@ -234,8 +235,8 @@ class RedisPresence:
                     for name, hash_ in zip(chunk, found_entries, strict=True)}
             changes = presence_difference(held, {name: entries[name] for name in chunk
                                                  if name in entries})
-            if changes:
-                await self.apply(changes)
+            for first in range(0, len(changes), CHANGES_CHUNK):  # frames of a bounded size
+                await self.apply(changes[first:first + CHANGES_CHUNK])
 
     async def listing(self, name: str, limit: int) -> PresenceList:
         """The live nodes' entries of ``name``: their nodes, then their hashes (two
