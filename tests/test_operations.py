@@ -32,10 +32,10 @@ async def test_metrics_move_as_events_flow(http_client, base_url, ws_connect, pu
     clients = [await ws_connect(query="topic=m.a") for _ in range(3)]
     for client in clients:
         await client.recv_type("subscribed")
-    for n in range(5):
+    for n in range(5):  # each fanned out before the next: one fan-out each
         await publish("m.a", n)
-    for client in clients:
-        await client.events(5)
+        for client in clients:
+            await client.events(1)
     after = await scrape()
     assert metric(after, "squall_connections") == 3
     assert metric(after, "squall_subscriptions") == 3
