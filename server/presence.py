@@ -31,7 +31,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Callable, Collection, Iterator, Mapping, Sequence
+from collections.abc import Awaitable, Callable, Collection, Iterator, Mapping, Sequence
 from typing import Any, NamedTuple
 
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
@@ -152,8 +152,7 @@ class PresenceWriter:
         log.warning("%d presence changes are waiting for the broker: dropped; this node's "
                     "whole presence is written anew once the broker answers",
                     len(self._pending))
-        self._pending.clear()
-        self._rewrite = True
+        self._rewrite_again()
         self.rewrites += 1
 
     async def _run(self) -> None:
@@ -171,43 +170,38 @@ class PresenceWriter:
         upto = self._seq
         entries = self.snapshot()
         self._rewrite = False  # changes from now on come after this snapshot
-        self.batches += 1
-        self._flying = True
-        try:
-            await self.broker.replace_presence(entries)
-        except (BrokerUnavailable, TimeoutError) as exc:
-            self.failures += 1
-            log.debug("rewriting this node's presence failed: %s", exc)
-            self._pending.clear()  # the next snapshot has them
-            self._rewrite = True
-            self._settle(upto, False)
-            return False
-        except BaseException:
-            self._pending.clear()
-            self._rewrite = True
-            raise
-        finally:
-            self._flying = False
-        self._settle(upto if self._pending or self._rewrite else self._seq, True)
-        return True
+        return await self._write(self.broker.replace_presence(entries), upto,
+                                 self._rewrite_again, "rewriting this node's presence")
+
+    def _rewrite_again(self) -> None:
+        self._pending.clear()  # the next snapshot has them
+        self._rewrite = True
 
     async def _write_batch(self) -> bool:
         batch = self._take()
         upto = max(pending.seq for pending in batch.values())
         changes = [change for (name, client), pending in batch.items()
                    for change in _changes(name, client, pending)]
+        return await self._write(self.broker.update_presence(changes), upto,
+                                 lambda: self._put_back(batch),
+                                 f"a presence batch of {len(changes)} changes")
+
+    async def _write(self, call: Awaitable[None], upto: int, undo: Callable[[], None],
+                     what: str) -> bool:
+        """Send one broker call carrying the changes up to seq ``upto``; if it fails,
+        ``undo`` keeps them for the next (a bug or a stop: the supervisor logs it)."""
         self.batches += 1
         self._flying = True
         try:
-            await self.broker.update_presence(changes)
+            await call
         except (BrokerUnavailable, TimeoutError) as exc:
             self.failures += 1
-            log.debug("presence batch of %d changes failed: %s", len(changes), exc)
-            self._put_back(batch)
+            log.debug("%s failed: %s", what, exc)
+            undo()
             self._settle(upto, False)
             return False
         except BaseException:
-            self._put_back(batch)  # a bug or a stop: the supervisor logs it
+            undo()
             raise
         finally:
             self._flying = False
