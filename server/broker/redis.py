@@ -198,7 +198,8 @@ class RedisBroker(Broker):
         self._where = url.rsplit("@", maxsplit=1)[-1]
         self._publish_script = self._client.register_script(PUBLISH)
         self._presence = RedisPresence(self._client, self.node_id, options.presence,
-                                       options.timeout, self, self.presence_wire)
+                                       options.timeout, self, self.presence_wire,
+                                       self._answer, self._failed)
         self._listener = Listener(shards, self, self._deliver, self._gap, options.timeout,
                                   on_presence=self._heard_presence,
                                   on_control=self._presence.control, on_lost=self._lost)

@@ -33,10 +33,10 @@ channels of that slot (``SPUBLISH``).
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import dataclasses
 import logging
-from collections.abc import AsyncIterator, Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from contextlib import AbstractAsyncContextManager
 from typing import Any, Protocol
 
 import msgpack
@@ -68,8 +68,6 @@ from server.broker.redis_keys import (
     run,
 )
 from server.broker.redis_presence_lua import APPLY, LIST, LIVE, REAP, REFRESH, SWEEP, VACATE
-from server.errors import BrokerUnavailable
-from server.logs import Throttle
 
 log = logging.getLogger("squall.broker.redis")
 
@@ -80,7 +78,6 @@ REFRESH_CHUNK = 500  # names per refresh script call
 REAP_CHUNK = 200  # names of a dead node per clean-up script call
 CHANGES_CHUNK = 1000  # changes per script call of a rewrite, as the node's writer sends them
 SWEEP_MOST = 100  # dead nodes and ended debounces read per sweep
-LOG_EVERY = 10.0
 _DECISIONS = {"occupied": OCCUPIED, "vacated": VACATED}
 
 
@@ -163,7 +160,11 @@ class RedisPresence:
     """This node's presence in Redis (see the module). IOLoop only."""
 
     def __init__(self, client: Redis, node_id: str, options: PresenceOptions,
-                 timeout: float, listeners: Listeners, wire: PresenceWire) -> None:
+                 timeout: float, listeners: Listeners, wire: PresenceWire,
+                 answer: Callable[[str], AbstractAsyncContextManager[None]],
+                 failed: Callable[[str], None]) -> None:
+        """``answer`` and ``failed`` are the broker's: a call bounded by the timeout,
+        its Redis failures as ``BrokerUnavailable``, logged at most so often."""
         self.node_id = node_id
         self.wire = wire
         keys = wire.keys
@@ -189,7 +190,7 @@ class RedisPresence:
         self._contact_since: float | None = None
         self._checks: set[asyncio.Task[None]] = set()
         self._timers: dict[str, asyncio.TimerHandle] = {}  # name -> its debounce check
-        self._failures = Throttle(LOG_EVERY)
+        self._answer, self._failed = answer, failed
         self.reaped = 0  # dead nodes this one cleaned up after
 
     # -- the broker's calls ------------------------------------------------------------
@@ -404,21 +405,3 @@ class RedisPresence:
             self._failed(f"presence debounce: {describe(exc)}")
         elif exc is not None:
             log.error("a presence debounce check failed", exc_info=exc)
-
-    # -- helpers -----------------------------------------------------------------------
-
-    def _failed(self, what: str) -> None:
-        if self._failures.ready():
-            held = self._failures.take_held()
-            log.warning("redis failed (%s)%s", what,
-                        f"; {held} more failures since the last report" if held else "")
-
-    @contextlib.asynccontextmanager
-    async def _answer(self, what: str) -> AsyncIterator[None]:
-        """Bound a call by the timeout; Redis failures become ``BrokerUnavailable``."""
-        try:
-            async with asyncio.timeout(self.timeout):
-                yield
-        except FAILURES as exc:
-            self._failed(f"{what}: {describe(exc)}")
-            raise BrokerUnavailable(f"the broker did not answer ({what})") from None
