@@ -411,9 +411,8 @@ class Hub:
         if self.presence is None:
             return
         for name in names:
-            for connection in list(self.router.exact(name)):
-                if connection.subscriptions.get(name):  # its entry was written
-                    self.presence.rewrite(connection, (name,))
+            for connection in self._joined(name):
+                self.presence.rewrite(connection, (name,))
 
     def presence_entries(self) -> dict[str, list[tuple[str, bytes]]]:
         """Every local subscription's presence entry, by name (what a rewrite of this
@@ -422,9 +421,13 @@ class Hub:
         if presence is None:
             return {}
         return {name: [(connection.info.id, presence.entry_of(connection))
-                       for connection in self.router.exact(name)
-                       if connection.subscriptions.get(name)]
+                       for connection in self._joined(name)]
                 for name, _ in self.router.names()}
+
+    def _joined(self, name: str) -> list[Connection]:
+        """The subscribers of exactly ``name`` whose presence entry was written."""
+        return [connection for connection in self.router.exact(name)
+                if connection.subscriptions.get(name)]
 
     def subscriber_counts(self) -> dict[str, int]:
         """Local subscribers per subscribed name (topics and patterns)."""
