@@ -66,8 +66,7 @@ def parse_disconnect(body: Any) -> Disconnect:
     if isinstance(code, bool) or not isinstance(code, int) or not 4000 <= code <= 4999:
         raise SquallError("invalid_body", "code must be a whole number from 4000 to 4999")
     reason = body.get("reason", "disconnected by the backend")
-    if not isinstance(reason, str) or len(reason.encode("utf-8", "surrogatepass")) > (
-            MAX_REASON_BYTES) or not _encodable(reason):
+    if not isinstance(reason, str) or not _fits(reason):
         raise SquallError("invalid_body", f"reason must be a string of at most "
                           f"{MAX_REASON_BYTES} bytes of UTF-8")
     if targets[0] == "sub":
@@ -75,12 +74,12 @@ def parse_disconnect(body: Any) -> Disconnect:
     return Disconnect(None, target, code, reason)
 
 
-def _encodable(text: str) -> bool:
+def _fits(reason: str) -> bool:
+    """Whether ``reason`` is UTF-8 (no lone surrogates) of at most ``MAX_REASON_BYTES``."""
     try:
-        text.encode()
+        return len(reason.encode()) <= MAX_REASON_BYTES
     except UnicodeEncodeError:
         return False
-    return True
 
 
 class PresenceHandler(ApiHandler):
