@@ -60,6 +60,7 @@ from servers import (
 
 from server.broker.redis_presence import SINGLE_WIRE
 from server.broker.redis_presence_lua import LIST, LIVE
+from tests.waiting import eventually
 
 API_KEY = "bench-api-key-0123456789abcdef"
 SECRET = "bench-jwt-secret-0123456789abcdef0123456789"
@@ -153,14 +154,6 @@ class Http:
                     if line.startswith(name + " "))
 
 
-async def until(check: Callable[[], bool], what: str, timeout: float = WAIT) -> None:
-    deadline = time.monotonic() + timeout
-    while not check():
-        if time.monotonic() > deadline:
-            raise TimeoutError(what)
-        await asyncio.sleep(0.05)
-
-
 def percentile(values: Sequence[float], fraction: float) -> float:
     ordered = sorted(values)
     return ordered[min(len(ordered) - 1, int(fraction * len(ordered)))]
@@ -183,7 +176,8 @@ async def measure_query(nodes: Sequence[Server], admin: redis.Redis, members: in
         clients += await connect_members(node.port, "bench.query", members // len(nodes), token)
     connected = time.perf_counter() - started
     http = Http(nodes[0].port)
-    await until(lambda: http.count("bench.query") == len(clients), "every member present")
+    await eventually(lambda: http.count("bench.query") == len(clients), WAIT,
+                     what="every member present")
     present = int(admin.info("memory")["used_memory"])
     took = [http.get("/v1/topics/bench.query/presence")[0] for _ in range(queries)]
     _, answer = http.get("/v1/topics/bench.query/presence")
@@ -197,7 +191,7 @@ async def measure_query(nodes: Sequence[Server], admin: redis.Redis, members: in
                 args=[1000])
         alone.append(time.perf_counter() - at)
     await close_members(clients)
-    await until(lambda: http.count("bench.query") == 0, "every member gone")
+    await eventually(lambda: http.count("bench.query") == 0, WAIT, what="every member gone")
     after = int(admin.info("memory")["used_memory"])
     return {
         "members": len(clients), "connect_s": round(connected, 2),
@@ -277,7 +271,7 @@ async def measure_storm(node: Server, admin: redis.Redis, count: int, topic: str
     started = time.perf_counter()
     members = await connect_members(node.port, topic, count, token, counted)
     first = time.perf_counter() - started
-    await until(lambda: http.count(topic) == count, "the first members present")
+    await eventually(lambda: http.count(topic) == count, WAIT, what="the first members present")
     pid = node.pids[0]
     peak_rss_reset(pid)
     resting = rss(pid, "VmRSS")
@@ -289,13 +283,13 @@ async def measure_storm(node: Server, admin: redis.Redis, count: int, topic: str
         member.client.close()
     again = await connect_members(node.port, topic, count, token, counted)
     subscribed = time.perf_counter() - started
-    await until(lambda: http.count(topic) == count, "the members present again")
+    await eventually(lambda: http.count(topic) == count, WAIT, what="the members present again")
     present = time.perf_counter() - started
     calls = command_calls(admin)
     writes = http.metric("squall_presence_writes_total") - writes
     peak = rss(pid, "VmHWM")
     await close_members(again)
-    await until(lambda: http.count(topic) == 0, "the members gone")
+    await eventually(lambda: http.count(topic) == 0, WAIT, what="the members gone")
     scripts = calls.get("evalsha", 0) + calls.get("eval", 0)
     inner = {name: n for name, n in calls.items()
              if name not in ("evalsha", "eval", "info", "config|resetstat")}

@@ -63,10 +63,8 @@ class Hooks:
 
     async def until(self, topic: str, count: int, timeout: float = 10.0,
                     ) -> list[tuple[float, dict[str, Any]]]:
-        deadline = time.monotonic() + timeout
-        while len(self.of(topic)) < count:
-            assert time.monotonic() < deadline, f"webhooks of {topic}: {self.of(topic)}"
-            await asyncio.sleep(0.02)
+        await eventually(lambda: len(self.of(topic)) >= count, timeout,
+                         what=f"{count} webhooks of {topic}", every=0.02)
         return self.of(topic)
 
     def close(self) -> None:
