@@ -128,12 +128,13 @@ class PresenceWriter:
             return False
 
     async def close(self, timeout: float) -> int:
-        """Send what is pending, for up to ``timeout``; stop; return the changes left."""
+        """Send what is pending, for up to ``timeout``; stop; return the changes left (a
+        rewrite still due counts as one)."""
         if (self._pending or self._rewrite) and self._task is not None:
             await self.written(timeout)
         await stop(self._task)
         self._task = None
-        left = len(self._pending)
+        left = len(self._pending) or int(self._rewrite)
         self._settle(self._seq, False)
         return left
 
