@@ -35,6 +35,8 @@ _json_decoder = json.JSONDecoder(parse_constant=_reject_constant)
 # found by turning every digit into 0 and looking for 19 of them in a row.
 _DIGITS_AS_ZERO = bytes.maketrans(b"0123456789", b"0" * 10)
 _LONG_RUN = b"0" * 19
+_DIGITS_AND_OPENERS = b"0123456789[{"
+_SHORT = 1024  # bytes: longer texts are checked without counting them first
 _ORJSON_DEPTH = 254  # the deepest value orjson encodes
 _json_encoder = json.JSONEncoder(ensure_ascii=False, separators=(",", ":"), allow_nan=False)
 
@@ -112,7 +114,11 @@ def load_json(raw: bytes | str, digits_checked: bool = False) -> Any:
     """
     if isinstance(raw, str):
         raw = raw.encode("utf-8", "surrogatepass")  # orjson refuses what this lets through
-    if not digits_checked and may_hold_long_integers(raw):
+    # Most messages are short with few digits and brackets: fewer than 19 of them in
+    # all can make neither a run of 19 digits nor more than MAX_DEPTH levels.
+    plain = len(raw) <= _SHORT and (
+        len(raw) - len(raw.translate(None, _DIGITS_AND_OPENERS)) < len(_LONG_RUN))
+    if not plain and not digits_checked and may_hold_long_integers(raw):
         return _load_json_exactly(raw)
     try:
         value = orjson.loads(raw)
@@ -122,7 +128,7 @@ def load_json(raw: bytes | str, digits_checked: bool = False) -> Any:
         if "infinity" in exc.msg:
             raise _not_finite() from None
         raise _malformed(exc) from None
-    if raw.count(b"[") + raw.count(b"{") > MAX_DEPTH:  # else it cannot be deeper
+    if not plain and raw.count(b"[") + raw.count(b"{") > MAX_DEPTH:  # else not deeper
         _check_depth(value)
     return value
 

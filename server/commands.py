@@ -35,9 +35,13 @@ class Unsubscribe(NamedTuple):
 
 
 class Publish(NamedTuple):
+    """Also the broker's ``PublishRequest`` for it (the same first four fields): no
+    second tuple is made per published frame."""
+
     topic: str
     data: Any
     idempotency_key: str | None = None
+    data_json: bytes | None = None
     ref: Any = None
 
 
@@ -62,19 +66,22 @@ def parse_command(frame: Any, max_topic_length: int, allow_auth: bool = False) -
     """
     if not isinstance(frame, dict):
         raise FrameError("invalid_body", "a frame must be an object with a 'type'")
-    ref = _ref(frame)
+    ref = frame.get("ref")
+    if ref is not None and type(ref) is not int:
+        ref = _ref(ref)
     kind = frame.get("type")
     try:
+        if kind == "publish":  # the common frame first
+            if "data" not in frame:
+                raise SquallError("invalid_body", "publish frame has no 'data'")
+            key = frame.get("idempotency_key")
+            return Publish(_name(frame, max_topic_length, pattern=False), frame["data"],
+                           key if key is None else _key(key), None, ref)
         if kind == "subscribe":
             return Subscribe(_name(frame, max_topic_length, pattern=True),
                              _since(frame), ref)
         if kind == "unsubscribe":
             return Unsubscribe(_name(frame, max_topic_length, pattern=True), ref)
-        if kind == "publish":
-            if "data" not in frame:
-                raise SquallError("invalid_body", "publish frame has no 'data'")
-            return Publish(_name(frame, max_topic_length, pattern=False), frame["data"],
-                           _optional_text(frame, "idempotency_key", MAX_KEY_LENGTH), ref)
         if kind == "ping":
             return Ping(ref)
         if kind == "auth" and allow_auth:
@@ -89,9 +96,8 @@ def parse_command(frame: Any, max_topic_length: int, allow_auth: bool = False) -
                      f"{expected}", ref)
 
 
-def _ref(frame: dict[str, Any]) -> Any:
-    ref = frame.get("ref")
-    if ref is None or (isinstance(ref, int | float) and not isinstance(ref, bool)):
+def _ref(ref: Any) -> Any:
+    if isinstance(ref, int | float) and not isinstance(ref, bool):
         return ref
     if isinstance(ref, str) and len(ref) <= MAX_REF_LENGTH:
         return ref
@@ -125,13 +131,10 @@ def _token(frame: dict[str, Any]) -> str:
     return token
 
 
-def _optional_text(frame: dict[str, Any], key: str, max_length: int) -> str | None:
-    value = frame.get(key)
-    if value is None:
-        return None
-    if not isinstance(value, str) or not value or len(value) > max_length:
-        raise SquallError("invalid_body",
-                          f"'{key}' must be a non-empty string of at most {max_length} characters")
+def _key(value: Any) -> str:
+    if not isinstance(value, str) or not value or len(value) > MAX_KEY_LENGTH:
+        raise SquallError("invalid_body", f"'idempotency_key' must be a non-empty string of "
+                          f"at most {MAX_KEY_LENGTH} characters")
     return value
 
 

@@ -59,7 +59,7 @@ class Event:
         self._data_json = data_json
         self._json: bytes | None = None
         self._size = 0
-        self._frames: dict[WireFormat, bytes] = {}
+        self._frames: dict[WireFormat, bytes] | None = None  # made when first framed
 
     @classmethod
     def of(cls, topic: str, event_id: EventId, ts: int, data: Any) -> Event:
@@ -70,9 +70,12 @@ class Event:
                 "data": self.data}
 
     def frame(self, wire: WireFormat) -> bytes:
-        frame = self._frames.get(wire)
+        frames = self._frames
+        if frames is None:
+            frames = self._frames = {}
+        frame = frames.get(wire)
         if frame is None:
-            frame = self._frames[wire] = wire.event_frame(self)
+            frame = frames[wire] = wire.event_frame(self)
         return frame
 
     def payload(self, codec: Codec) -> bytes:

@@ -35,7 +35,7 @@ from dataclasses import dataclass, field
 from typing import Any, NamedTuple, Protocol
 
 from server import signals
-from server.broker.base import Broker, Disconnect, PresenceNotice, Published, PublishRequest
+from server.broker.base import Broker, Disconnect, PresenceNotice, Publishable, Published
 from server.commands import with_ref
 from server.connection import CLOSE_SLOW_CONSUMER, Connection, Flusher
 from server.errors import SquallError
@@ -277,7 +277,7 @@ class Hub:
 
     # -- publishing and fan-out ---------------------------------------------
 
-    async def publish(self, requests: Sequence[PublishRequest]) -> list[Published]:
+    async def publish(self, requests: Sequence[Publishable]) -> list[Published]:
         """Publish through the broker; raises ``SquallError`` (e.g. unavailable)."""
         started = time.perf_counter()
         self._publishing += 1

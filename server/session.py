@@ -35,8 +35,8 @@ from typing import Any
 
 from server import signals
 from server.admission import CLOSE_UNAUTHORIZED, Admitted
-from server.broker.base import Published, PublishRequest
-from server.codec import JSON
+from server.broker.base import Publishable, Published
+from server.codec import JSON, load_json
 from server.commands import (
     Auth,
     Command,
@@ -187,7 +187,10 @@ class Session:
         """Parse ``message`` (now: it waits parsed) and queue it for its turn."""
         size = _size(message)
         self._inbox_bytes += size
-        item = (size, self._parse_safely(message))
+        try:
+            item: tuple[int, Parsed] = (size, self._parse(message))
+        except SquallError as exc:
+            item = (size, exc)
         if self._inbox is not None:
             self._inbox.append(item)
             return
@@ -232,12 +235,6 @@ class Session:
         return isinstance(parsed, Publish) and (
             self.node.auth_hook is None or self.rights.may_publish(parsed.topic))
 
-    def _parse_safely(self, message: Message) -> Parsed:
-        try:
-            return self._parse(message)
-        except SquallError as exc:
-            return exc
-
     async def _on_parsed(self, parsed: Parsed) -> None:
         ref = parsed.ref if isinstance(parsed, FrameError) else None
         try:
@@ -258,8 +255,14 @@ class Session:
 
     def _parse(self, message: Message) -> Command:
         """The command in ``message``; any failure to decode it is ``invalid_body``."""
+        codec = self.wire.codec
         try:
-            value = message if isinstance(message, dict) else self.wire.codec.loads(message)
+            if isinstance(message, dict):
+                value = message
+            elif codec is JSON:  # the common case, one call fewer
+                value = load_json(message)
+            else:
+                value = codec.loads(message)
         except SquallError:
             raise
         except (ValueError, TypeError, RecursionError, MemoryError) as exc:
@@ -289,7 +292,7 @@ class Session:
         broker call; a refused one gets its error frame in its place among the replies.
         With an auth hook, it decides each one first, in order."""
         outcomes: list[Published | SquallError] = []
-        requests: list[PublishRequest] = []
+        requests: list[Publishable] = []
         hook = self.node.auth_hook
         for size, command in group:
             assert isinstance(command, Publish)
@@ -326,11 +329,17 @@ class Session:
             self.connection.enqueue(b"".join(replies), len(replies))
             replies.clear()
 
-    def _request(self, command: Publish, size: int) -> PublishRequest:
+    def _request(self, command: Publish, size: int) -> Publish:
+        """The command is its own request (a frame no larger than the limit cannot carry
+        data larger than it); the data of a larger one is encoded once, to measure it,
+        and those bytes go with it."""
         limit = self.node.settings.max_event_bytes
-        if size > limit and self._encoded_size(command.data) > limit:
+        if size <= limit:
+            return command
+        encoded = self._encoded(command.data)
+        if len(encoded) > limit:
             raise SquallError("payload_too_large", f"data is larger than {limit} bytes")
-        return PublishRequest(command.topic, command.data, command.idempotency_key)
+        return command._replace(data_json=None if self.wire.codec.binary else encoded)
 
     def _published_frame(self, command: Publish, published: Published) -> bytes:
         """The ``published`` reply's bytes (the common JSON one formatted directly)."""
@@ -343,9 +352,9 @@ class Session:
         return wire.frame(with_ref({"type": "published", "topic": published.topic,
                                     "id": published.id, "ts": published.ts}, ref))
 
-    def _encoded_size(self, data: Any) -> int:
+    def _encoded(self, data: Any) -> bytes:
         try:
-            return len(self.wire.codec.dumps(data))
+            return self.wire.codec.dumps(data)
         except (ValueError, TypeError, RecursionError, OverflowError) as exc:
             raise SquallError("invalid_body", f"data cannot be encoded: "
                               f"{type(exc).__name__}") from None

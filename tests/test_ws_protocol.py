@@ -17,6 +17,7 @@ from server.node import Node
 from tests.auth_support import API_KEY, SECRET
 from tests.rawws import RawSocket, close_code
 from tests.waiting import eventually
+from transports.websocket import _unmask, unmask
 
 pytestmark = pytest.mark.gen_test(timeout=30)
 
@@ -62,6 +63,27 @@ async def test_protocol_errors_close_with_their_code(raw, frame, code):
     client = await raw()
     client.writer.write(frame)
     assert (await close_of(client))[0] == code
+
+
+@pytest.mark.parametrize("size", [0, 1, 3, 4, 5, 125, 126, 4099])
+def test_unmasking_in_c_and_in_python_agree(size):
+    payload, mask = os.urandom(size), os.urandom(4)
+    expected = bytes(byte ^ mask[index % 4] for index, byte in enumerate(payload))
+    assert unmask(payload, mask) == _unmask(payload, mask) == expected
+
+
+async def test_a_text_message_beyond_ascii_is_read_as_utf8(raw):
+    subscriber = await raw("/v1/ws?topic=utf8")
+    assert (await subscriber.read_message())["type"] == "subscribed"
+    publisher = await raw()
+    data = {"text": "h\u00e9llo \u2603 \U0001f600"}
+    publisher.send_frame(json.dumps({"type": "publish", "topic": "utf8", "data": data,
+                                     "ref": 1}, ensure_ascii=False).encode())
+    assert (await publisher.read_message())["type"] == "published"
+    event = await subscriber.read_message()
+    assert event["data"] == data
+    publisher.send_frame(b'{"type": "ping", "ref": "\xc3\x28"}')  # not UTF-8: 1007
+    assert (await close_of(publisher))[0] == 1007
 
 
 @pytest.mark.parametrize("code", [1000, 1001, 3000, 4000, 4999])

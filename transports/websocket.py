@@ -64,6 +64,13 @@ CLOSE_TOO_BIG = 1009
 MAX_CONTROL_PAYLOAD = 125
 MAX_REASON_BYTES = 123
 _DATA_OPCODES = (OPCODE_CONTINUATION, OPCODE_TEXT, OPCODE_BINARY)
+_WHOLE_DATA = (0x80 | OPCODE_TEXT, 0x80 | OPCODE_BINARY)  # first bytes of unfragmented messages
+
+_websocket_mask: Callable[[bytes, bytes], bytes] | None
+try:  # Tornado's own masking in C (tornado.speedups is absent from a pure-Python build)
+    from tornado.speedups import websocket_mask as _websocket_mask
+except ImportError:
+    _websocket_mask = None
 _CONTROL_OPCODES = (OPCODE_CLOSE, OPCODE_PING, OPCODE_PONG)
 
 
@@ -82,7 +89,14 @@ def close_payload(code: int | None, reason: str = "") -> bytes:
 
 
 def unmask(payload: bytes, mask: bytes) -> bytes:
-    """``payload`` XOR the 4-byte ``mask`` repeated (one big-integer operation)."""
+    """``payload`` XOR the 4-byte ``mask`` repeated: Tornado's C function when it was
+    built with its extension, else one big-integer operation."""
+    if _websocket_mask is not None:
+        return _websocket_mask(mask, payload)
+    return _unmask(payload, mask)
+
+
+def _unmask(payload: bytes, mask: bytes) -> bytes:
     size = len(payload)
     if not size:
         return b""
@@ -109,11 +123,15 @@ class WebSocketTransport(StreamTransport):
     """One WebSocket connection's frames, both ways."""
 
     __slots__ = ("_buffer", "_decoder", "_fragments", "_kind", "_pong", "_size",
-                 "_skipping", "max_message_size")
+                 "_skipping", "max_message_size", "text_as_bytes")
 
-    def __init__(self, stream: IOStream, max_message_size: int) -> None:
+    def __init__(self, stream: IOStream, max_message_size: int,
+                 text_as_bytes: bool = False) -> None:
+        """``text_as_bytes``: a whole text message reaches the sink as its UTF-8 bytes,
+        checked, not decoded (a JSON session parses bytes without encoding them again)."""
         super().__init__(stream)
         self.max_message_size = max_message_size
+        self.text_as_bytes = text_as_bytes
         self._buffer = b""
         self._fragments: list[Any] | None = None  # a fragmented message under way
         self._kind = 0  # its opcode
@@ -168,8 +186,9 @@ class WebSocketTransport(StreamTransport):
                 return position, head - (end - position)
             if length >= 126:
                 length = int.from_bytes(buffer[position + 2:position + head - 4 * masked], "big")
-            if not self.closing:
-                error = self._header_error(first, masked, length)
+            if not self.closing and (first not in _WHOLE_DATA or not masked
+                                     or self._size + length > self.max_message_size):
+                error = self._header_error(first, masked, length)  # else it has none
                 if error is not None:
                     self.fail(error)  # then read on as a closing connection
             if length > self.max_message_size:  # not worth reading: drop all that comes
@@ -230,7 +249,14 @@ class WebSocketTransport(StreamTransport):
         elif self._fragments is not None:
             raise ProtocolError(CLOSE_PROTOCOL_ERROR, "a new message inside a fragmented one")
         elif final:
-            self._deliver(_text(payload) if opcode == OPCODE_TEXT else payload)
+            if opcode != OPCODE_TEXT:
+                self._deliver(payload)
+            elif self.text_as_bytes:
+                if not payload.isascii():
+                    _text(payload)  # valid UTF-8, or the close with 1007
+                self._deliver(payload)
+            else:
+                self._deliver(_text(payload))
         else:
             self._fragments, self._kind, self._size = [], opcode, 0
             if opcode == OPCODE_TEXT:
@@ -377,7 +403,8 @@ class WebSocketHandler(ApiHandler):
         topics = self.get_query_arguments("topic")
         max_size = self.node.settings.max_frame_bytes
         transport = WebSocketTransport(take_stream(self, 101, "Switching Protocols", headers),
-                                       max_size)
+                                       max_size, text_as_bytes=(wire is WS_JSON
+                                                                and self.sink_factory is None))
         if self.sink_factory is not None:  # a test's own sink (an echo, say)
             transport.sink = self.sink_factory(transport, wire)
             transport.read()

@@ -12,7 +12,7 @@ from __future__ import annotations
 import abc
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any, NamedTuple
+from typing import Any, NamedTuple, Protocol
 
 from server.events import Event, EventId
 from server.history import Replay, Retention
@@ -42,6 +42,23 @@ class PublishRequest(NamedTuple):
     data: Any
     idempotency_key: str | None = None
     data_json: bytes | None = None
+
+
+class Publishable(Protocol):
+    """What a broker reads of a publish: a ``PublishRequest``, or anything with its
+    fields (a client's ``publish`` command is its own request)."""
+
+    @property
+    def topic(self) -> str: ...
+
+    @property
+    def data(self) -> Any: ...
+
+    @property
+    def idempotency_key(self) -> str | None: ...
+
+    @property
+    def data_json(self) -> bytes | None: ...
 
 
 class Published(NamedTuple):
@@ -209,7 +226,7 @@ class Broker(abc.ABC):
         """Stop delivering and release connections; publishing after this fails."""
 
     @abc.abstractmethod
-    async def publish(self, requests: Sequence[PublishRequest]) -> list[Published]:
+    async def publish(self, requests: Sequence[Publishable]) -> list[Published]:
         """Publish a batch in order; all or, on ``BrokerUnavailable``, unknown."""
 
     @abc.abstractmethod

@@ -14,8 +14,8 @@ from server.broker.base import (
     EventHandler,
     PresenceChange,
     PresenceList,
+    Publishable,
     Published,
-    PublishRequest,
 )
 from server.broker.local_presence import LocalPresence
 from server.dedupe import DedupeWindow
@@ -68,7 +68,7 @@ class MemoryBroker(Broker):
     def ready(self) -> bool:
         return not self._closed
 
-    async def publish(self, requests: Sequence[PublishRequest]) -> list[Published]:
+    async def publish(self, requests: Sequence[Publishable]) -> list[Published]:
         if self._closed:
             raise BrokerUnavailable("the broker is closed")
         ts = int(time.time() * 1000)  # one batch, one time
@@ -113,7 +113,7 @@ class MemoryBroker(Broker):
             raise BrokerUnavailable("the broker is closed")
         self.on_disconnect(request)
 
-    def _publish_one(self, request: PublishRequest, ts: int) -> Published:
+    def _publish_one(self, request: Publishable, ts: int) -> Published:
         key = request.idempotency_key
         if key is not None:
             first = self._dedupe.recall(request.topic, key)

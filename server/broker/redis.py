@@ -80,8 +80,8 @@ from server.broker.base import (
     PresenceChange,
     PresenceList,
     PresenceNotice,
+    Publishable,
     Published,
-    PublishRequest,
 )
 from server.broker.memory import new_epoch
 from server.broker.redis_keys import (
@@ -374,7 +374,7 @@ class RedisBroker(Broker):
 
     # -- publishing ----------------------------------------------------------------------
 
-    async def publish(self, requests: Sequence[PublishRequest]) -> list[Published]:
+    async def publish(self, requests: Sequence[Publishable]) -> list[Published]:
         """Publish through the script; concurrent publishes share script calls, one
         call at a time per id space (redis_publish.Batches)."""
         if self._closed:
