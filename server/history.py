@@ -97,19 +97,23 @@ class MemoryHistory:
         """Retain ``event``, the newest of its epoch, and enforce every bound."""
         size = event.size  # encodes the event: fails before any state changes
         self.last_seq = event.seq
-        log = self._logs.get(event.topic)
+        topic, logs = event.topic, self._logs
+        log = logs.get(topic)
         if log is None:
-            log = self._logs[event.topic] = _TopicLog()
-            log.trimmed_upto = self._tombstones.pop(event.topic, self._forgotten_upto)
+            log = logs[topic] = _TopicLog()
+            log.trimmed_upto = self._tombstones.pop(topic, self._forgotten_upto)
         else:
-            self._logs.move_to_end(event.topic)
+            logs.move_to_end(topic)
         events = log.events
         events.append(event)
+        retention = self.retention
+        if len(events) > retention.size:  # mostly one to drop: inline, no call per event
+            while len(events) > retention.size:
+                dropped = events.popleft()
+                size -= dropped.size
+                log.trimmed_upto = dropped.seq
         log.bytes += size
         self._bytes += size
-        retention = self.retention
-        while len(events) > retention.size:
-            self._bytes -= log.drop_oldest()
         ttl_ms = self._ttl_ms
         if ttl_ms and events and events[0].ts < event.ts - ttl_ms:  # ts: it was just made
             self._expire_log(log, event.ts)

@@ -72,7 +72,26 @@ class MemoryBroker(Broker):
         if self._closed:
             raise BrokerUnavailable("the broker is closed")
         ts = int(time.time() * 1000)  # one batch, one time
-        return [self._publish_one(request, ts) for request in requests]
+        outcomes: list[Published] = []
+        epoch, append, deliver, dedupe = (self.epoch, self._history.append, self._on_event,
+                                          self._dedupe)
+        for request in requests:  # one loop, no call per event: the ingest paths' floor
+            key = request.idempotency_key
+            if key is not None:
+                first = dedupe.recall(request.topic, key)
+                if first is not None:
+                    outcomes.append(first._replace(duplicate=True))
+                    continue
+            self._seq = seq = self._seq + 1
+            event = Event(request.topic, f"{epoch}-{seq}", seq, ts, request.data,
+                          request.data_json)
+            append(event)
+            deliver(event)
+            published = Published(event.topic, event.id, ts)
+            if key is not None:
+                dedupe.remember(request.topic, key, published)
+            outcomes.append(published)
+        return outcomes
 
     async def history(self, name: str, since: str | None, limit: int | None = None) -> Replay:
         return self._history.since(name, since, limit)
@@ -112,22 +131,6 @@ class MemoryBroker(Broker):
         if self._closed:
             raise BrokerUnavailable("the broker is closed")
         self.on_disconnect(request)
-
-    def _publish_one(self, request: Publishable, ts: int) -> Published:
-        key = request.idempotency_key
-        if key is not None:
-            first = self._dedupe.recall(request.topic, key)
-            if first is not None:
-                return first._replace(duplicate=True)
-        self._seq = seq = self._seq + 1
-        event = Event(request.topic, f"{self.epoch}-{seq}", seq, ts, request.data,
-                      request.data_json)
-        self._history.append(event)
-        self._on_event(event)
-        published = Published(event.topic, event.id, event.ts)
-        if key is not None:
-            self._dedupe.remember(request.topic, key, published)
-        return published
 
     def _sweep(self) -> None:
         self._history.expire()
