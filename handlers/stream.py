@@ -110,7 +110,7 @@ class NdjsonPublisher:
             if (first_skipped and index == 0) or len(line) > limit:
                 results.append(_error(self.lines, SquallError(
                     "payload_too_large", f"the line is longer than {limit} bytes")))
-            elif line.strip():
+            elif line and not line.isspace():  # blank lines are skipped
                 results.append(self._parse(self.lines, line))
         requests = [result.request for result in results if result.request is not None]
         if requests:
@@ -165,7 +165,8 @@ def entry_request(entry: dict[str, Any], settings: Any, dumps: Callable[[Any], b
     if len(encoded) > settings.max_event_bytes:
         raise SquallError("payload_too_large", f"data is {len(encoded)} bytes; the limit is "
                           f"{settings.max_event_bytes}")
-    return PublishRequest(topic, data, key, None if binary else encoded)
+    # made without the named tuple's Python-level __new__: once per entry, at half the cost
+    return tuple.__new__(PublishRequest, (topic, data, key, None if binary else encoded))
 
 
 def _answer(answer: Any) -> bytes:

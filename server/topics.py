@@ -23,17 +23,18 @@ class InvalidTopic(ValueError):
 
 def validate_topic(name: object, max_length: int = MAX_TOPIC_LENGTH) -> str:
     """Return ``name`` if it is a valid concrete topic (no wildcards), else raise."""
-    if type(name) is str and (name, max_length) in _VALID_TOPICS:
+    if type(name) is str and name in _VALID_TOPICS and len(name) <= max_length:
         return name  # publishers name the same few topics again and again
     topic = _validate_topic(name, max_length)
     if len(_VALID_TOPICS) >= _REMEMBERED:
         _VALID_TOPICS.clear()
-    _VALID_TOPICS[(topic, max_length)] = None
+    _VALID_TOPICS[topic] = None
     return topic
 
 
-# Topics found valid lately, a bounded memo of a pure function (cleared when full).
-_VALID_TOPICS: dict[tuple[str, int], None] = {}
+# Topics found valid lately (at some length limit: the length is checked again), a
+# bounded memo of a pure function (cleared when full).
+_VALID_TOPICS: dict[str, None] = {}
 _REMEMBERED = 4096
 
 

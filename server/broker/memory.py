@@ -24,6 +24,10 @@ from server.events import Event, EventId
 from server.history import MemoryHistory, Replay
 from server.tasks import every, stop, supervise
 
+# A named tuple made without its Python-level __new__ (every field given): half the
+# cost, in the loop that runs once per published event.
+_new = tuple.__new__
+
 _EPOCH_ALPHABET = "abcdefghijklmnopqrstuvwxyz0123456789"
 
 
@@ -87,7 +91,7 @@ class MemoryBroker(Broker):
                           request.data_json)
             append(event)
             deliver(event)
-            published = Published(event.topic, event.id, ts)
+            published = _new(Published, (event.topic, event.id, ts, False))
             if key is not None:
                 dedupe.remember(request.topic, key, published)
             outcomes.append(published)
