@@ -116,6 +116,9 @@ class LoopStreamHandler(logging.StreamHandler):  # type: ignore[type-arg]
 
 def setup_logging(level: str, fmt: str) -> None:
     """Send every logger to stderr in the chosen format at the chosen level."""
+    # Neither format shows a thread or process: records skip finding them (the logging
+    # HOWTO's "Optimization"), a quarter of an access line's cost.
+    logging.logThreads = logging.logProcesses = logging.logMultiprocessing = False
     handler = LoopStreamHandler(sys.stderr)
     handler.setFormatter(JsonFormatter() if fmt == "json" else TextFormatter())
     root = logging.getLogger()
