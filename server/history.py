@@ -19,7 +19,7 @@ import heapq
 import itertools
 import time
 from collections import OrderedDict, deque
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import NamedTuple
 
@@ -95,9 +95,27 @@ class MemoryHistory:
 
     def append(self, event: Event) -> None:
         """Retain ``event``, the newest of its epoch, and enforce every bound."""
-        size = event.size  # encodes the event: fails before any state changes
-        self.last_seq = event.seq
-        topic, logs = event.topic, self._logs
+        self.extend((event,))
+
+    def extend(self, events: Sequence[Event]) -> None:
+        """Retain ``events``, the newest of their epoch (oldest first), and enforce every
+        bound, as appending each in turn would, with the bounds of a topic applied once
+        per run of its events (a batch is mostly one topic). Encodes them first: one that
+        cannot be encoded fails before anything changes."""
+        for event in events:
+            event.size  # noqa: B018 - computed and kept for every event now
+        run: list[Event] = []
+        for event in events:
+            if run and event.topic != run[0].topic:
+                self._retain_run(run)
+                run = []
+            run.append(event)
+        if run:
+            self._retain_run(run)
+
+    def _retain_run(self, run: list[Event]) -> None:
+        topic, logs, newest = run[0].topic, self._logs, run[-1]
+        self.last_seq = newest.seq
         log = logs.get(topic)
         if log is None:
             log = logs[topic] = _TopicLog()
@@ -105,20 +123,20 @@ class MemoryHistory:
         else:
             logs.move_to_end(topic)
         events = log.events
-        events.append(event)
+        events.extend(run)
+        size = sum([event.size for event in run])
         retention = self.retention
-        if len(events) > retention.size:  # mostly one to drop: inline, no call per event
-            while len(events) > retention.size:
-                dropped = events.popleft()
-                size -= dropped.size
-                log.trimmed_upto = dropped.seq
+        while len(events) > retention.size:
+            dropped = events.popleft()
+            size -= dropped.size
+            log.trimmed_upto = dropped.seq
         log.bytes += size
         self._bytes += size
         ttl_ms = self._ttl_ms
-        if ttl_ms and events and events[0].ts < event.ts - ttl_ms:  # ts: it was just made
-            self._expire_log(log, event.ts)
+        if ttl_ms and events and events[0].ts < newest.ts - ttl_ms:  # ts: it was just made
+            self._expire_log(log, newest.ts)
         if not events:
-            self._forget(event.topic)
+            self._forget(topic)
         if len(self._logs) > retention.max_topics or self._bytes > retention.max_bytes:
             self._evict_topics()
 

@@ -77,24 +77,30 @@ class MemoryBroker(Broker):
             raise BrokerUnavailable("the broker is closed")
         ts = int(time.time() * 1000)  # one batch, one time
         outcomes: list[Published] = []
-        epoch, append, deliver, dedupe = (self.epoch, self._history.append, self._on_event,
-                                          self._dedupe)
-        for request in requests:  # one loop, no call per event: the ingest paths' floor
-            key = request.idempotency_key
-            if key is not None:
-                first = dedupe.recall(request.topic, key)
-                if first is not None:
-                    outcomes.append(first._replace(duplicate=True))
-                    continue
-            self._seq = seq = self._seq + 1
-            event = Event(request.topic, f"{epoch}-{seq}", seq, ts, request.data,
-                          request.data_json)
-            append(event)
-            deliver(event)
-            published = _new(Published, (event.topic, event.id, ts, False))
-            if key is not None:
-                dedupe.remember(request.topic, key, published)
-            outcomes.append(published)
+        events: list[Event] = []
+        epoch, dedupe = self.epoch, self._dedupe
+        try:
+            for request in requests:  # one loop, no call per event: the ingest paths' floor
+                key = request.idempotency_key
+                if key is not None:
+                    first = dedupe.recall(request.topic, key)
+                    if first is not None:
+                        outcomes.append(first._replace(duplicate=True))
+                        continue
+                self._seq = seq = self._seq + 1
+                event = Event(request.topic, f"{epoch}-{seq}", seq, ts, request.data,
+                              request.data_json)
+                event.size  # noqa: B018 - encodes it: one that cannot fails here
+                events.append(event)
+                published = _new(Published, (event.topic, event.id, ts, False))
+                if key is not None:
+                    dedupe.remember(request.topic, key, published)
+                outcomes.append(published)
+        finally:  # what was made is published, as if one at a time
+            self._history.extend(events)
+            deliver = self._on_event
+            for event in events:
+                deliver(event)
         return outcomes
 
     async def history(self, name: str, since: str | None, limit: int | None = None) -> Replay:
