@@ -186,7 +186,7 @@ def decode_body(content_type: str | None, raw: bytes, expected: str) -> tuple[An
     if codec is None:
         raise SquallError("unsupported_media_type", f"Content-Type {content_type!r:.80} is "
                           "not supported; send application/json or application/msgpack")
-    if not raw or not (codec.binary or raw.strip()):
+    if not raw or (not codec.binary and raw.isspace()):  # (isspace stops at the first byte)
         raise SquallError("invalid_body", f"the body is empty; send {expected}")
     try:
         return codec.loads(raw), codec
