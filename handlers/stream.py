@@ -17,7 +17,7 @@ line needs no newline).
 
 from __future__ import annotations
 
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Iterator
 from typing import Any
 
 from server.auth import EVERYTHING, Grant, authorize
@@ -29,22 +29,6 @@ from server.hub import Hub
 from server.topics import InvalidTopic, validate_topic
 
 MEDIA_TYPES = ("application/x-ndjson", "application/ndjson", "application/jsonl")
-
-
-class LineResult:
-    """One line's answer, filled in once its group is published."""
-
-    __slots__ = ("answer", "number", "request")
-
-    def __init__(self, number: int, request: PublishRequest | None = None,
-                 answer: Any = None) -> None:
-        self.number = number
-        self.request = request
-        self.answer = answer
-
-    def fail(self, exc: SquallError) -> None:
-        self.answer = {"error": {"code": exc.code, "message": exc.message},
-                       "line": self.number}
 
 
 class NdjsonPublisher:
@@ -103,26 +87,30 @@ class NdjsonPublisher:
             self._skipping = True
 
     async def _publish(self, lines: list[bytes], first_skipped: bool = False) -> None:
-        results: list[LineResult] = []
+        # one answer per line, in order: its request until it is published, then its
+        # outcome; or the error it got
+        answers: list[PublishRequest | Published | dict[str, Any]] = []
+        requests: list[PublishRequest] = []
+        numbers: list[int] = []  # the requests' line numbers
         limit = self.settings.max_frame_bytes
         for index, line in enumerate(lines):
             self.lines += 1
             if (first_skipped and index == 0) or len(line) > limit:
-                results.append(_error(self.lines, SquallError(
+                answers.append(_error(self.lines, SquallError(
                     "payload_too_large", f"the line is longer than {limit} bytes")))
             elif line and not line.isspace():  # blank lines are skipped
-                results.append(self._parse(self.lines, line))
-        requests = [result.request for result in results if result.request is not None]
+                try:
+                    request = self._request(line)
+                except SquallError as exc:
+                    answers.append(_error(self.lines, exc))
+                else:
+                    requests.append(request)
+                    numbers.append(self.lines)
+                    answers.append(request)
         if requests:
-            await self._send(results, requests)
-        if results:
-            await self.write(b"".join([_answer(result.answer) for result in results]))
-
-    def _parse(self, number: int, line: bytes) -> LineResult:
-        try:
-            return LineResult(number, request=self._request(line))
-        except SquallError as exc:
-            return _error(number, exc)
+            await self._send(answers, requests, numbers)
+        if answers:
+            await self.write(b"".join([_answer(answer) for answer in answers]))
 
     def _request(self, line: bytes) -> PublishRequest:
         entry = load_json(line, self._digits_checked)
@@ -133,19 +121,21 @@ class NdjsonPublisher:
             authorize(self.rights, self.rights.check_publish, request.topic)
         return request
 
-    async def _send(self, results: list[LineResult], requests: list[PublishRequest]) -> None:
+    async def _send(self, answers: list[Any], requests: list[PublishRequest],
+                    numbers: list[int]) -> None:
+        """Publish ``requests`` (those among ``answers``, in order, from lines
+        ``numbers``) and put each one's outcome in its place; if the broker failed, its
+        error (the group's outcome is unknown: each line says so)."""
+        outcomes: Iterator[Published | dict[str, Any]]
         try:
             outcomes = iter(await self.hub.publish(requests))
-        except SquallError as exc:  # the whole group: its outcome is unknown, say so
-            for result in results:
-                if result.request is not None:
-                    result.fail(exc)
-            return
-        for result in results:
-            if result.request is not None:
-                result.answer = next(outcomes)
-                self.published += 1
-
+        except SquallError as exc:
+            outcomes = iter([_error(number, exc) for number in numbers])
+        else:
+            self.published += len(requests)
+        for index, answer in enumerate(answers):
+            if type(answer) is PublishRequest:
+                answers[index] = next(outcomes)
 
 def entry_request(entry: dict[str, Any], settings: Any, dumps: Callable[[Any], bytes],
                   binary: bool) -> PublishRequest:
@@ -178,7 +168,6 @@ def _answer(answer: Any) -> bytes:
     return dump_json(answer) + b"\n"
 
 
-def _error(number: int, exc: SquallError) -> LineResult:
-    result = LineResult(number)
-    result.fail(exc)
-    return result
+def _error(number: int, exc: SquallError) -> dict[str, Any]:
+    """The answer of line ``number`` that failed with ``exc``."""
+    return {"error": {"code": exc.code, "message": exc.message}, "line": number}

@@ -8,6 +8,7 @@ import json
 
 import pytest
 
+from server.errors import BrokerUnavailable
 from tests.rawws import open_stream
 from tests.waiting import eventually
 
@@ -50,6 +51,19 @@ async def test_every_line_gets_its_answer_in_order(http_client, base_url, ws_con
     events = await subscriber.events(3)
     assert [event["data"] for event in events] == [1, {"x": [1]}, "last, no newline"]
     assert [event["id"] for event in events] == [got[0]["id"], got[3]["id"], got[7]["id"]]
+
+
+async def test_a_broker_failure_is_the_answer_of_each_line_it_left_unknown(
+        http_client, base_url, node, monkeypatch):
+    async def unavailable(requests):
+        raise BrokerUnavailable("the broker did not answer (test)")
+
+    monkeypatch.setattr(node.broker, "publish", unavailable)
+    body = (lines({"topic": "nd.a", "data": 1}) + b"\n"
+            + lines({"topic": "nd..bad", "data": 2}, {"topic": "nd.b", "data": 3}))
+    got = answers((await post(http_client, base_url, body)).body)
+    assert [(answer["error"]["code"], answer["line"]) for answer in got] == [
+        ("broker_unavailable", 1), ("invalid_topic", 3), ("broker_unavailable", 4)]
 
 
 @pytest.mark.settings(max_frame_bytes=1024)
