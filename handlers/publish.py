@@ -23,7 +23,7 @@ from handlers.stream import MEDIA_TYPES as STREAM_TYPES
 from handlers.stream import NdjsonPublisher, entry_request
 from server.auth import EVERYTHING, Grant, authorize
 from server.broker.base import Published, PublishRequest
-from server.codec import Codec, media_codec
+from server.codec import Codec, dump_json, media_codec
 from server.commands import MAX_KEY_LENGTH
 from server.errors import SquallError
 from server.node import Node
@@ -230,12 +230,13 @@ def _batch(body: Any, codec: Codec, settings: Any) -> list[PublishRequest]:
         raise SquallError("payload_too_large", f"a batch holds at most "
                           f"{settings.max_batch_events} events, got {len(entries)}")
     requests = []
+    dumps = codec.dumps if codec.binary else dump_json  # JSON: one call fewer per entry
     for index, entry in enumerate(entries):
         if not isinstance(entry, dict) or "topic" not in entry or "data" not in entry:
             raise SquallError("invalid_body", f'events[{index}] must be {{"topic": ..., '
                               f'"data": ...}}')
         try:
-            requests.append(entry_request(entry, settings, codec.dumps, codec.binary))
+            requests.append(entry_request(entry, settings, dumps, codec.binary))
         except SquallError as exc:
             raise SquallError(exc.code, f"events[{index}]: {exc.message}") from None
     return requests
