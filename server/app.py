@@ -15,6 +15,7 @@ from handlers.openapi import OpenApiHandler
 from handlers.operator import DisconnectHandler, PresenceHandler
 from handlers.publish import BatchHandler, TopicEventsHandler
 from server.auth import redacted_uri
+from server.logs import direct_line
 from server.node import Node
 from transports.sse import EventStreamHandler
 from transports.websocket import WebSocketHandler
@@ -40,9 +41,13 @@ class AccessLog:
         level = logging.INFO if status < 400 else logging.WARNING
         if status >= 500:
             level = logging.ERROR
-        access_log.log(level, "%d %s %s %.1fms", status, method, redacted_uri(uri),
-                       milliseconds, extra={"status": status, "method": method, "path": path,
-                                            "ip": ip, "duration_ms": round(milliseconds, 2)})
+        if not access_log.isEnabledFor(level):
+            return
+        message = f"{status:d} {method} {redacted_uri(uri)} {milliseconds:.1f}ms"
+        extra = {"status": status, "method": method, "path": path, "ip": ip,
+                 "duration_ms": round(milliseconds, 2)}
+        if not direct_line(access_log, level, message, extra):
+            access_log.log(level, "%s", message, extra=extra)
 
     def handler(self, handler: RequestHandler) -> None:
         """Tornado's ``log_function``: the line of a request a handler answered."""

@@ -26,12 +26,21 @@ class TextFormatter(logging.Formatter):
         self._second = (-1, "")
 
     def formatTime(self, record: logging.LogRecord, datefmt: str | None = None) -> str:
+        return self._time(record.created, record.msecs)
+
+    def _time(self, created: float, msecs: float) -> str:
         second, text = self._second
-        if int(record.created) != second:
-            second = int(record.created)
+        if int(created) != second:
+            second = int(created)
             text = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(second))
             self._second = (second, text)
-        return f"{text},{int(record.msecs):03d}"
+        return f"{text},{int(msecs):03d}"
+
+    def line(self, created: float, level: int, name: str, message: str,
+             extra: dict[str, Any]) -> str:
+        """What ``format`` makes of a record without a traceback (``extra`` unshown)."""
+        return (f"{self._time(created, _msecs(created))} {logging.getLevelName(level):<7} "
+                f"{name}: {message}")
 
 
 class JsonFormatter(logging.Formatter):
@@ -42,22 +51,35 @@ class JsonFormatter(logging.Formatter):
         self._second = (-1, "")
 
     def format(self, record: logging.LogRecord) -> str:
+        extra = {key: value for key, value in record.__dict__.items()
+                 if key not in _STANDARD and not key.startswith("_")}
+        exc = self.formatException(record.exc_info) if record.exc_info else None
+        return self._entry(record.created, record.msecs, record.levelname, record.name,
+                           record.getMessage(), extra, exc)
+
+    def line(self, created: float, level: int, name: str, message: str,
+             extra: dict[str, Any]) -> str:
+        """What ``format`` makes of a record without a traceback."""
+        return self._entry(created, _msecs(created), logging.getLevelName(level), name,
+                           message, extra, None)
+
+    def _entry(self, created: float, msecs: float, levelname: str, name: str, message: str,
+               extra: dict[str, Any], exc: str | None) -> str:
         second, text = self._second
-        if int(record.created) != second:
-            second = int(record.created)
+        if int(created) != second:
+            second = int(created)
             text = time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(second))
             self._second = (second, text)
-        entry: dict[str, Any] = {
-            "ts": f"{text}.{int(record.msecs):03d}Z",
-            "level": record.levelname.lower(),
-            "logger": record.name,
-            "message": record.getMessage(),
-        }
-        entry.update({key: value for key, value in record.__dict__.items()
-                      if key not in _STANDARD and not key.startswith("_")})
-        if record.exc_info:
-            entry["exc"] = self.formatException(record.exc_info)
+        entry: dict[str, Any] = {"ts": f"{text}.{int(msecs):03d}Z", "level": levelname.lower(),
+                                 "logger": name, "message": message, **extra}
+        if exc:
+            entry["exc"] = exc
         return json.dumps(entry, default=str)
+
+
+def _msecs(created: float) -> int:
+    """A record's milliseconds for the time ``created``, as ``LogRecord`` works them out."""
+    return int((created - int(created)) * 1000)
 
 
 class LoopStreamHandler(logging.StreamHandler):  # type: ignore[type-arg]
@@ -78,13 +100,18 @@ class LoopStreamHandler(logging.StreamHandler):  # type: ignore[type-arg]
 
     def emit(self, record: logging.LogRecord) -> None:
         try:
-            line = self.format(record) + self.terminator
+            line = self.format(record)
         except Exception:  # noqa: BLE001 - logging's own contract: report, never raise
             self.handleError(record)
             return
+        self.emit_line(line, record.levelno)
+
+    def emit_line(self, line: str, levelno: int) -> None:
+        """Write one formatted line (``emit``'s second half; see ``direct_line``)."""
+        line += self.terminator
         self._pending.append(line)
         self._size += len(line)
-        if record.levelno >= logging.WARNING or self._size > self.MAX_PENDING:
+        if levelno >= logging.WARNING or self._size > self.MAX_PENDING:
             self.flush()
             return
         if not self._scheduled:
@@ -112,6 +139,34 @@ class LoopStreamHandler(logging.StreamHandler):  # type: ignore[type-arg]
             super().flush()
         finally:
             self.release()
+
+
+def direct_line(logger: logging.Logger, level: int, message: str,
+                extra: dict[str, Any]) -> bool:
+    """Write what ``logger.log(level, message, extra=extra)`` would, without making a
+    record, if the one handler it would reach is a ``LoopStreamHandler`` with one of
+    this module's formatters and no filter is on the way (as ``setup_logging`` leaves
+    it); False, having written nothing, if anything else might see the record.
+
+    A record costs more than the access line it carries: finding its caller, thread
+    and process, then formatting it field by field."""
+    handler: LoopStreamHandler | None = None
+    current: logging.Logger | None = logger
+    while current is not None:
+        if current.filters:
+            return False
+        for found in current.handlers:
+            if (handler is not None or type(found) is not LoopStreamHandler or found.filters
+                    or level < found.level):
+                return False
+            handler = found
+        current = current.parent if current.propagate else None
+    formatter = handler.formatter if handler is not None else None
+    if handler is None or type(formatter) not in (TextFormatter, JsonFormatter):
+        return False
+    assert isinstance(formatter, TextFormatter | JsonFormatter)
+    handler.emit_line(formatter.line(time.time(), level, logger.name, message, extra), level)
+    return True
 
 
 def setup_logging(level: str, fmt: str) -> None:
