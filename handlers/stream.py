@@ -137,6 +137,7 @@ class NdjsonPublisher:
             if type(answer) is PublishRequest:
                 answers[index] = next(outcomes)
 
+
 def entry_request(entry: dict[str, Any], settings: Any, dumps: Callable[[Any], bytes],
                   binary: bool) -> PublishRequest:
     """A publish entry of a batch or a stream (a dict with topic and data) as a request;
