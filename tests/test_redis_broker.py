@@ -19,7 +19,7 @@ from tornado.ioloop import IOLoop
 from config.settings import Settings
 from server.broker.base import BrokerOptions, PublishRequest
 from server.broker.redis import RedisBroker
-from server.broker.redis_keys import channel, glob
+from server.broker.redis_keys import FAILURES, channel, closed_as_lost, glob
 from server.errors import BrokerUnavailable, SquallError
 from server.history import Retention
 from server.topics import matches
@@ -373,3 +373,28 @@ async def test_broker_reconnects_are_counted_in_the_metrics(node, ws_connect, re
         await eventually(lambda expected=expected: node.broker.reconnects == expected
                          and node.broker.ready, what="the listener back")
         assert await reconnects() == expected
+
+
+async def test_a_write_to_a_connection_closed_under_it_is_a_lost_connection():
+    """uvloop (the default loop) raises RuntimeError for a write to a transport that
+    closed under it, where asyncio's own loop drops the write; through redis-py that
+    reached the broker as a bug with a traceback. It is a lost connection."""
+    loop = asyncio.get_running_loop()
+    server = await loop.create_server(asyncio.Protocol, "127.0.0.1", 0)
+    port = server.sockets[0].getsockname()[1]
+    transport, _ = await loop.create_connection(asyncio.Protocol, "127.0.0.1", port)
+    transport.close()
+    await asyncio.sleep(0)
+    try:
+        with pytest.raises(FAILURES), closed_as_lost():
+            try:
+                transport.write(b"PING\r\n")
+            except RuntimeError:
+                raise  # uvloop: what redis-py passed on
+            else:  # asyncio's own loop dropped the write: what uvloop says, by hand
+                raise RuntimeError("unable to perform operation on <TCPTransport "
+                                   "closed=True>; the handler is closed")
+        with pytest.raises(RuntimeError, match="another bug"), closed_as_lost():
+            raise RuntimeError("another bug")
+    finally:
+        server.close()

@@ -92,6 +92,7 @@ from server.broker.redis_keys import (
     StreamEntry,
     as_text,
     channel,
+    closed_as_lost,
     decode_entry,
     describe,
     encode_data,
@@ -408,7 +409,8 @@ class RedisBroker(Broker):
         keys, args = self._script_input(space, events)
         try:
             async with asyncio.timeout(self.options.timeout):
-                outcomes, forgotten = await self._run_publish(space, keys, args)
+                with closed_as_lost():
+                    outcomes, forgotten = await self._run_publish(space, keys, args)
         except FAILURES as exc:
             self._failed_at = asyncio.get_running_loop().time()
             unexpected = isinstance(exc, ResponseError) and not isinstance(exc, _PASSING)
@@ -686,7 +688,8 @@ class RedisBroker(Broker):
             raise BrokerUnavailable("the broker is closed")
         try:
             async with asyncio.timeout(self.options.timeout):
-                yield
+                with closed_as_lost():
+                    yield
         except FAILURES as exc:
             self._failed(f"{what}: {describe(exc)}")
             raise BrokerUnavailable(f"the broker did not answer ({what})") from None

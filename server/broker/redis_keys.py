@@ -14,9 +14,12 @@ topic's stream and on its channels, so every node decodes each event once.
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Iterator
 from typing import Any, NamedTuple
 
 import msgpack
+from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import RedisClusterException, RedisError
 
 from server.codec import MAX_DEPTH, check_value, dump_msgpack
@@ -28,6 +31,19 @@ PREFIX = "squall:"
 # What a failing Redis (or cluster) raises: each is the broker being unavailable, never
 # a bug (RedisClusterException is not a RedisError)
 FAILURES = (RedisError, RedisClusterException, OSError, TimeoutError)
+
+
+@contextlib.contextmanager
+def closed_as_lost() -> Iterator[None]:
+    """A write to a connection that closed under it is a lost connection. uvloop says
+    so with a RuntimeError where asyncio's own loop drops the write (uvloop issue 506),
+    and redis-py passes it on: it becomes the ``ConnectionError`` it is."""
+    try:
+        yield
+    except RuntimeError as exc:
+        if "handler is closed" not in str(exc):
+            raise
+        raise RedisConnectionError(f"the redis connection closed under a write ({exc})") from exc
 NODES = PREFIX + "nodes"  # set of node ids that report subscriber counts (single Redis)
 
 _ARRAY_OF_FOUR = b"\x94"

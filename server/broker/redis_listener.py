@@ -58,7 +58,7 @@ from redis.asyncio import ConnectionPool
 from redis.asyncio.client import PubSub
 
 from server.broker.base import PresenceHandler
-from server.broker.redis_keys import FAILURES, decode_event, describe
+from server.broker.redis_keys import FAILURES, closed_as_lost, decode_event, describe
 from server.broker.redis_presence import MARK, decode_presence
 from server.errors import BrokerUnavailable
 from server.events import Event, EventId
@@ -363,7 +363,8 @@ class Listener:
         reports = Throttle(LOG_EVERY)
         while True:
             try:
-                await self._session(session)
+                with closed_as_lost():
+                    await self._session(session)
             except Exception as exc:  # a bug is logged below with its traceback
                 if session.was_ready:  # a healthy session ended: start the backoff afresh
                     delay, session.was_ready, reports = BACKOFF, False, Throttle(LOG_EVERY)

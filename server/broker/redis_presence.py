@@ -63,6 +63,7 @@ from server.broker.redis_keys import (
     PREFIX,
     SINGLE_SPACE,
     as_text,
+    closed_as_lost,
     describe,
     milliseconds,
     run,
@@ -295,12 +296,13 @@ class RedisPresence:
         loop = asyncio.get_running_loop()
         while True:
             try:
-                async with asyncio.timeout(max(self.timeout, self.interval)):
-                    await self._refresh(list(self._listeners.local_names()))
-                if self._contact_since is None:
-                    self._contact_since = loop.time()
-                if loop.time() - self._contact_since >= self.options.ttl:
-                    await self._sweep()
+                with closed_as_lost():
+                    async with asyncio.timeout(max(self.timeout, self.interval)):
+                        await self._refresh(list(self._listeners.local_names()))
+                    if self._contact_since is None:
+                        self._contact_since = loop.time()
+                    if loop.time() - self._contact_since >= self.options.ttl:
+                        await self._sweep()
             except FAILURES as exc:
                 self._contact_since = None
                 self._failed(f"presence refresh: {describe(exc)}")
