@@ -37,6 +37,9 @@ _DIGITS_AS_ZERO = bytes.maketrans(b"0123456789", b"0" * 10)
 _LONG_RUN = b"0" * 19
 _DIGITS_AND_OPENERS = b"0123456789[{"
 _SHORT = 1024  # bytes: longer texts are checked without counting them first
+# digits and brackets in all below which a text holds neither a long run nor too deep
+# a value (derived, so that a lower MAX_DEPTH keeps the shortcut right)
+_PLAIN_BELOW = min(len(_LONG_RUN), MAX_DEPTH + 1)
 _ORJSON_DEPTH = 254  # the deepest value orjson encodes
 _json_encoder = json.JSONEncoder(ensure_ascii=False, separators=(",", ":"), allow_nan=False)
 
@@ -114,10 +117,10 @@ def load_json(raw: bytes | str, digits_checked: bool = False) -> Any:
     """
     if isinstance(raw, str):
         raw = raw.encode("utf-8", "surrogatepass")  # orjson refuses what this lets through
-    # Most messages are short with few digits and brackets: fewer than 19 of them in
-    # all can make neither a run of 19 digits nor more than MAX_DEPTH levels.
+    # Most messages are short with few digits and brackets: fewer than _PLAIN_BELOW of
+    # them in all can make neither a run of 19 digits nor more than MAX_DEPTH levels.
     plain = len(raw) <= _SHORT and (
-        len(raw) - len(raw.translate(None, _DIGITS_AND_OPENERS)) < len(_LONG_RUN))
+        len(raw) - len(raw.translate(None, _DIGITS_AND_OPENERS)) < _PLAIN_BELOW)
     if not plain and not digits_checked and may_hold_long_integers(raw):
         return _load_json_exactly(raw)
     try:

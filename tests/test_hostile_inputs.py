@@ -149,3 +149,18 @@ class TestTokensWithOddClaims:
             with pytest.raises(websockets.ConnectionClosed) as closed:
                 await socket.recv()
         assert closed.value.rcvd is not None and closed.value.rcvd.code == 4001
+
+
+@pytest.mark.gen_test
+async def test_short_json_frames_are_checked_at_the_limits(ws_connect):
+    """A short frame's digits and brackets decide whether its checks can be skipped:
+    at the depth limit and past it, and with a 20-digit integer, they are not."""
+    client = await ws_connect()
+    frame = {"type": "publish", "topic": "limits.t", "ref": 1}
+    await client.send({**frame, "data": deep(63)})  # 64 levels with the frame's own
+    assert (await client.recv())["type"] == "published"
+    for data in (deep(64), 2 ** 64, -(2 ** 63) - 1):
+        await client.send({**frame, "data": data})
+        assert (await client.recv_type("error"))["code"] == "invalid_body", data
+    await client.send({**frame, "data": 2 ** 64 - 1})  # the largest integer carried
+    assert (await client.recv())["type"] == "published"
