@@ -31,19 +31,6 @@ PREFIX = "squall:"
 # What a failing Redis (or cluster) raises: each is the broker being unavailable, never
 # a bug (RedisClusterException is not a RedisError)
 FAILURES = (RedisError, RedisClusterException, OSError, TimeoutError)
-
-
-@contextlib.contextmanager
-def closed_as_lost() -> Iterator[None]:
-    """A write to a connection that closed under it is a lost connection. uvloop says
-    so with a RuntimeError where asyncio's own loop drops the write (uvloop issue 506),
-    and redis-py passes it on: it becomes the ``ConnectionError`` it is."""
-    try:
-        yield
-    except RuntimeError as exc:
-        if "handler is closed" not in str(exc):
-            raise
-        raise RedisConnectionError(f"the redis connection closed under a write ({exc})") from exc
 NODES = PREFIX + "nodes"  # set of node ids that report subscriber counts (single Redis)
 
 _ARRAY_OF_FOUR = b"\x94"
@@ -194,3 +181,16 @@ async def run(pipeline: Any, **options: Any) -> list[Any]:
     except AttributeError as exc:
         raise ConnectionError(f"the redis connection closed under a pipeline ({exc})") from exc
     return answers
+
+
+@contextlib.contextmanager
+def closed_as_lost() -> Iterator[None]:
+    """A write to a connection that closed under it is a lost connection. uvloop says
+    so with a RuntimeError where asyncio's own loop drops the write (uvloop issue 506),
+    and redis-py passes it on: it becomes the ``ConnectionError`` it is."""
+    try:
+        yield
+    except RuntimeError as exc:
+        if "handler is closed" not in str(exc):
+            raise
+        raise RedisConnectionError(f"the redis connection closed under a write ({exc})") from exc
