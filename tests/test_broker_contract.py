@@ -208,6 +208,26 @@ async def test_history_trimmed_past_since_is_not_recovered(make_broker):
     assert [event.data for event in (await broker.history("trim", None)).events] == [3, 4, 5]
 
 
+
+
+async def test_one_call_past_the_history_size_keeps_each_topics_newest(make_broker):
+    broker, _ = await make_broker(size=3)
+    requests = [PublishRequest(f"trim.{'ab'[n % 2]}", n) for n in range(14)]
+    outcomes = await broker.publish(requests)  # one call: Redis trims once per topic
+    assert [event.data for event in (await broker.history("trim.a", None)).events] == [
+        8, 10, 12]
+    assert [event.data for event in (await broker.history("trim.b", None)).events] == [
+        9, 11, 13]
+    assert found(await broker.history("trim.a", outcomes[4].id)) == ([], False)
+    kept = await broker.history("trim.b", outcomes[7].id)
+    assert kept.recovered and [event.data for event in kept.events] == [9, 11, 13]
+    # a duplicate in a later call adds nothing, and the trimmed history stays as it was
+    again = await broker.publish([PublishRequest("trim.a", 12, idempotency_key="k"),
+                                  PublishRequest("trim.a", 12, idempotency_key="k")])
+    assert [outcome.duplicate for outcome in again] == [False, True]
+    assert again[0].id == again[1].id
+    assert [event.data for event in (await broker.history("trim.a", None)).events] == [
+        10, 12, 12]
 async def test_history_older_than_the_ttl_is_dropped(make_broker):
     broker, _ = await make_broker(ttl=0.3)
     old = await publish_each(broker, "ttl.a", ["old"])

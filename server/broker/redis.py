@@ -420,7 +420,7 @@ class RedisBroker(Broker):
         self._failed_at = None
         if forgotten:  # after the answer: the publish is done, the streams expire anyway
             self._chore(self._forget(space, [as_text(topic) for topic in forgotten]))
-        return list(outcomes)
+        return as_text(outcomes).split("\n")
 
     def _chore(self, work: Coroutine[Any, Any, None]) -> None:
         """Run housekeeping that no answer waits for (it bounds and logs its failures)."""
@@ -800,10 +800,10 @@ def _script_entries(raw: list[list[Any]]) -> list[StreamEntry]:
                      for entry_id, fields in raw])
 
 
-def _published(topic: str, outcome: list[Any]) -> Published:
-    fresh, text = outcome
-    event_id, _, ts = (text.decode() if isinstance(text, bytes) else str(text)).partition(" ")
-    return Published(topic, event_id, int(ts), duplicate=not fresh)
+def _published(topic: str, answer: str) -> Published:
+    """One line of the publish script's answers: ``1<id> <ts>`` (new), ``0<id> <ts>``."""
+    flagged_id, _, ts = answer.partition(" ")
+    return tuple.__new__(Published, (topic, flagged_id[1:], int(ts), flagged_id[0] == "0"))
 
 
 def _data(index: int, data: Any) -> bytes:
