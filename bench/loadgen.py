@@ -75,6 +75,7 @@ PRESETS["baseline"] = dict(PRESETS["squall"])
 PRESETS["squall-logged"] = dict(PRESETS["squall"])
 PRESETS["tornado-minimal"] = {**PRESETS["squall"], "batch_url": "", "ws_pub_url": ""}
 PRESETS["squall-redis"] = dict(PRESETS["squall"])
+PRESETS["squall-redis-apart"] = dict(PRESETS["squall"])
 PRESETS["squall-cluster"] = dict(PRESETS["squall"])
 PRESETS["squall-base"] = dict(PRESETS["squall"])
 PRESETS["squall-sse"] = {**PRESETS["squall"],

@@ -173,6 +173,8 @@ def summary(line: Result) -> str:
 # Squall on the shared brokers: measured at one N (the one nearest BROKER_SIZE), against
 # the memory broker there, and left out of the idle cells (the broker holds no socket).
 BROKER_TARGETS = ("squall-redis", "squall-cluster")
+# measured in the ingest cells only: fan-out's load generator needs its whole core
+INGEST_ONLY = ("squall-redis-apart",)
 BROKER_SIZE = 1000
 
 
@@ -185,7 +187,8 @@ def run_fanout(driver: Driver, targets: Sequence[str], interleave: bool = False)
     broker_size = min(plan.sizes, key=lambda n: abs(n - BROKER_SIZE))
     for n in plan.sizes:
         print(f"== fan-out, N={n}", flush=True)
-        here = [t for t in targets if t not in BROKER_TARGETS or n == broker_size]
+        here = [t for t in targets if t not in INGEST_ONLY
+                and (t not in BROKER_TARGETS or n == broker_size)]
         for index in range(rounds):
             last = index == rounds - 1
             for target in here:
@@ -203,13 +206,14 @@ def run_fanout(driver: Driver, targets: Sequence[str], interleave: bool = False)
 def run_idle(driver: Driver, targets: Sequence[str]) -> None:
     for n in driver.plan.idle_sizes:
         print(f"== idle connections, N={n}", flush=True)
-        for target in (t for t in targets if t not in BROKER_TARGETS):
+        for target in (t for t in targets if t not in (*BROKER_TARGETS, *INGEST_ONLY)):
             driver.run_cell(target, ["idle", "-n", str(n)], timeout=120 + n / 50)
 
 
 # Ingest cells: (target, publish paths, subscribers of the published topic). Squall's
 # paths without subscribers and with 100, against nchan's single POST, a minimal
-# Tornado handler, Squall with its access log written, and the Redis broker's batch.
+# Tornado handler, Squall with its access log written, and the Redis broker's batch (its
+# redis-server on the server's core, and apart on the load generator's).
 INGEST_CELLS = (
     ("squall", ("single", "batch", "ws", "tcp", "ndjson"), 0),
     ("squall", ("single", "batch", "ws", "tcp", "ndjson"), 100),
@@ -217,6 +221,7 @@ INGEST_CELLS = (
     ("tornado-minimal", ("single",), 0),
     ("nchan", ("single",), 0),
     ("squall-redis", ("batch",), 0),
+    ("squall-redis-apart", ("batch",), 0),
     ("squall-cluster", ("batch",), 0),
 )
 INGEST_TARGETS = ("squall-logged", "tornado-minimal")  # measured whenever squall is
@@ -245,7 +250,7 @@ def available_targets(requested: Sequence[str], driver: Driver) -> list[str]:
             driver.skip(target, "nginx with the nchan module is not installed (see README.md)")
         elif target.startswith("squall") and not (servers.ROOT / "run.py").exists():
             driver.skip(target, "run.py not found")
-        elif target == "squall-redis" and servers.find_redis_server() is None:
+        elif target.startswith("squall-redis") and servers.find_redis_server() is None:
             driver.skip(target, "no redis-server (apt-get install redis-server)")
         elif target == "squall-cluster" and servers.find_cluster_tools() is None:
             driver.skip(target, "no redis-server and redis-cli (apt-get install "
@@ -309,7 +314,8 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--quick", action="store_true", help="smoke run: small N, short runs")
     parser.add_argument("--repeat", type=int, help="max-rate runs per cell (default 3)")
     parser.add_argument("--targets", default="squall,squall-sse,squall-tcp,squall-base,"
-                        "squall-redis,squall-cluster,baseline,nchan", help="comma-separated")
+                        "squall-redis,squall-redis-apart,squall-cluster,baseline,nchan",
+                        help="comma-separated")
     parser.add_argument("--sizes", type=int, nargs="+", help="subscriber counts N")
     parser.add_argument("--idle-sizes", type=int, nargs="+", help="idle connection counts")
     parser.add_argument("--duration", type=float, help="measured seconds per max-rate run")

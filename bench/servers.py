@@ -131,8 +131,19 @@ def start_squall_base(cpu: int | None, log_dir: Path) -> Server:
     return server
 
 
-def start_squall_redis(cpu: int | None, log_dir: Path) -> Server:
-    """Squall with the Redis broker, and its own redis-server on the same core.
+def other_cpu(cpu: int | None) -> int | None:
+    """A core this process may use other than ``cpu`` (the load generator's, when the
+    server and it have the first two); None unpinned, or when there is none."""
+    if cpu is None:
+        return None
+    others = sorted(os.sched_getaffinity(0) - {cpu})
+    return others[0] if others else None
+
+
+def start_squall_redis(cpu: int | None, log_dir: Path, apart: bool = False) -> Server:
+    """Squall with the Redis broker, and its own redis-server: on the same core, or
+    ``apart`` on another one (the load generator's), as a deployment gives Redis a
+    core or a machine of its own.
 
     The server's CPU and RSS are those of both processes: Redis is part of the cost.
     """
@@ -144,13 +155,15 @@ def start_squall_redis(cpu: int | None, log_dir: Path) -> Server:
     redis_log = (log_dir / f"redis-{redis_port}.log").open("wb")
     command = [binary, "--port", str(redis_port), "--bind", HOST, "--save", "",
                "--appendonly", "no"]
-    redis = subprocess.Popen(pinned(command, cpu), stdout=redis_log, stderr=subprocess.STDOUT)
+    redis = subprocess.Popen(pinned(command, other_cpu(cpu) if apart else cpu),
+                             stdout=redis_log, stderr=subprocess.STDOUT)
     redis_log.close()
     port = free_port()
     command = [sys.executable, "run.py", "--host", HOST, "--port", str(port), "--log-level",
                "warning", "--broker", f"redis://{HOST}:{redis_port}/0", *UNLIMITED]
     try:
-        server = _start_python("squall-redis", command, port, cpu, log_dir)
+        server = _start_python("squall-redis-apart" if apart else "squall-redis", command,
+                               port, cpu, log_dir)
     except ServerError:
         _stop_process(redis)
         raise
@@ -372,6 +385,7 @@ STARTERS: dict[str, Callable[[int | None, Path], Server]] = {
     "squall-tcp": lambda cpu, log_dir: start_squall(cpu, log_dir, name="squall-tcp"),
     "squall-base": start_squall_base,
     "squall-redis": start_squall_redis,
+    "squall-redis-apart": lambda cpu, log_dir: start_squall_redis(cpu, log_dir, apart=True),
     "squall-cluster": start_squall_cluster,
     "baseline": start_baseline,
     "nchan": start_nchan,
