@@ -51,7 +51,7 @@ from urllib.parse import parse_qsl, urlencode
 
 import jwt
 
-from server.codec import dump_json
+from server.codec import MAX_DEPTH, dump_json, load_json
 from server.errors import SquallError
 from server.topics import TAIL, InvalidTopic, covers, validate_pattern
 
@@ -252,6 +252,9 @@ class Auth:
         sub, exp = claims["sub"], claims["exp"]
         if not isinstance(sub, str):
             raise Unauthorized("the token's 'sub' claim must be a string")
+        if not _valid_text(sub):
+            raise Unauthorized("the token's 'sub' claim is not valid Unicode (a lone "
+                               "surrogate)")
         if isinstance(exp, bool) or not isinstance(exp, int | float) or (
                 isinstance(exp, float) and math.isnan(exp)):
             raise Unauthorized("the token's 'exp' claim must be a number (seconds since 1970)")
@@ -303,11 +306,26 @@ def _info(rights: dict[str, Any]) -> dict[str, Any] | None:
     if not isinstance(info, dict):
         raise Unauthorized(f"the token's {CLAIM}.info claim must be an object, not "
                            f"{type(info).__name__}")
-    size = len(dump_json(info))
-    if size > MAX_INFO_BYTES:
-        raise Unauthorized(f"the token's {CLAIM}.info claim is {size} bytes as JSON; the "
-                           f"limit is {MAX_INFO_BYTES}")
+    try:
+        encoded = dump_json(info)
+        load_json(encoded)  # the checks of every client value: 64-bit integers, depth
+    except (SquallError, ValueError, TypeError, RecursionError):
+        raise Unauthorized(f"the token's {CLAIM}.info claim must be a value every codec "
+                           f"can carry: integers within 64 bits, at most {MAX_DEPTH} "
+                           "levels, valid Unicode") from None
+    if len(encoded) > MAX_INFO_BYTES:
+        raise Unauthorized(f"the token's {CLAIM}.info claim is {len(encoded)} bytes as "
+                           f"JSON; the limit is {MAX_INFO_BYTES}")
     return info
+
+
+def _valid_text(text: str) -> bool:
+    """Whether ``text`` has no lone surrogate (JSON lets ``"\\ud800"`` through)."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
 
 
 def bearer(authorization: str | None) -> str | None:

@@ -348,9 +348,17 @@ async def test_info_of_up_to_1_kib_travels_larger_is_refused(open_client, transp
     await subscribed(client)
     [entry] = (await presence(http_client, base_url, "room.i"))["clients"]
     assert entry["info"] == _info_of(1024)
-    for info, problem in ((_info_of(1025), "info claim is 1025 bytes as JSON; the limit is 1024"),
-                          (["not", "an", "object"], "info claim must be an object")):
-        too_big = person("grace", info)
+    deep: Any = "bottom"
+    for _ in range(64):  # inside the info object: 65 levels
+        deep = [deep]
+    carried = "info claim must be a value every codec can carry"
+    for too_big, problem in (
+            (person("grace", _info_of(1025)),
+             "info claim is 1025 bytes as JSON; the limit is 1024"),
+            (person("grace", ["not", "an", "object"]), "info claim must be an object"),
+            (person("grace", {"n": 2**64}), carried), (person("grace", {"n": deep}), carried),
+            (person("grace", {"n": "\ud800"}), carried),  # a lone surrogate, as JSON allows
+            (person("gr\udfffce"), "'sub' claim is not valid Unicode")):
         if transport == "sse":
             with pytest.raises(HttpRefused) as refused:
                 await open_client(("room.i",), token=too_big)
