@@ -34,6 +34,7 @@ from tornado.iostream import IOStream, SSLIOStream, StreamClosedError
 from tornado.web import RequestHandler
 
 from server.admission import Refused, Request, admit
+from server.connection import CLOSE_INTERNAL_ERROR
 from server.node import Node
 from server.session import Session
 from server.wire import WireFormat
@@ -192,6 +193,11 @@ async def open_session(node: Node, transport: StreamTransport, wire: WireFormat,
                   refused.close_code, refused.message)
         transport.close(refused.close_code, refused.message)
         transport.read()  # for the client's own close
+        return
+    except Exception:  # a bug: this client is closed, not left open with no session
+        log.exception("admitting a %s client from %s failed", wire.name, client.ip)
+        transport.close(CLOSE_INTERNAL_ERROR, "internal error")
+        transport.read()
         return
     if transport.closing:  # gone while the authorization webhook was asked
         admitted.release()
