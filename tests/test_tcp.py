@@ -90,6 +90,25 @@ async def test_a_line_over_max_frame_bytes_closes_with_1009(line_client, line):
     assert await client.ends()
 
 
+@pytest.mark.settings(max_frame_bytes=1024)
+@live
+async def test_a_line_of_exactly_max_frame_bytes_passes_with_its_crlf(line_client):
+    client = await line_client()
+    ping = b'{"type": "ping", "ref": 7, "pad": "'
+    line = ping + b"p" * (1024 - len(ping) - 2) + b'"}'
+    assert len(line) == 1024
+    client.writer.write(line + b"\r\n")
+    assert await client.recv() == {"type": "pong", "ref": 7}
+    client.writer.write(line + b"\r")  # the \r read before its \n
+    await client.writer.drain()
+    await asyncio.sleep(0.05)
+    client.writer.write(b"\n")
+    assert await client.recv() == {"type": "pong", "ref": 7}
+    client.writer.write(line + b"pp\r\n")
+    closed = await client.recv()
+    assert (closed["type"], closed["code"]) == ("close", 1009)
+
+
 def test_nc_session_against_a_real_server():
     nc = shutil.which("nc")
     if nc is None:

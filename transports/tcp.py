@@ -56,15 +56,16 @@ class LineTransport(StreamTransport):
         *lines, rest = buffer.split(b"\n")
         received, limit = self.sink.received, self.max_line
         for raw in lines:
-            if len(raw) > limit:
+            line = raw[:-1] if raw.endswith(b"\r") else raw
+            if len(line) > limit:
                 self._too_long()
                 break
-            line = raw[:-1] if raw.endswith(b"\r") else raw
             if line and not line.isspace():
                 received(line)
             if self.closing:
                 break
-        if not self.closing and len(rest) > limit:
+        # (the line so far may end in the \r of its \r\n)
+        if not self.closing and len(rest) > limit + rest.endswith(b"\r"):
             self._too_long()
         self._buffer = b"" if self.closing else rest
         self.read()
