@@ -45,6 +45,7 @@ log = logging.getLogger("squall.http")
 
 _PUBLISH = re.compile(r"/v1/topics/([A-Za-z0-9_\-:@.]+)/events")
 _SERVER = f"TornadoServer/{tornado.version}"
+_LENGTH_DIGITS = 18  # a Content-Length this long is past every limit
 
 LogLine = Callable[[int, str, str, str, str, float], None]
 """The access log's ``line``: (status, method, uri, path, ip, milliseconds)."""
@@ -74,8 +75,8 @@ class FastPaths(HTTPServerConnectionDelegate):
             return None
         length = headers.get("Content-Length", "")
         if ("Origin" in headers or "Expect" in headers or "Transfer-Encoding" in headers
-                or not (length.isascii() and length.isdigit())):
-            return None
+                or not (length.isascii() and length.isdigit()) or len(length) > _LENGTH_DIGITS):
+            return None  # (a longer length is past every limit: the Application answers it)
         path = start_line.path.partition("?")[0]
         settings = self.node.settings
         if path == "/v1/events":

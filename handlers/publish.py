@@ -57,8 +57,9 @@ class BodyHandler(ApiHandler):
             self.rights = self.grant()
         limit = self.body_limit()
         length = self.request.headers.get("Content-Length", "")
-        if _is_number(length) and int(length) > limit:
-            raise _too_large(limit)
+        digits = length.lstrip("0") if _is_number(length) else ""
+        if len(digits) > len(str(limit)) or (digits and int(digits) > limit):
+            raise _too_large(limit)  # (int() refuses a number of thousands of digits)
         if self.request.connection is not None:
             self.request.connection.set_max_body_size(limit + _HEADROOM)  # type: ignore[attr-defined]
 
@@ -252,10 +253,11 @@ def _topic(raw: str, max_length: int) -> str:
 def _limit(raw: str | None, most: int) -> int | None:
     if raw is None:
         return None
-    if not _is_number(raw) or not 0 < int(raw) <= most:
+    digits = raw.lstrip("0") if _is_number(raw) else ""
+    if not digits or len(digits) > len(str(most)) or int(digits) > most:
         raise SquallError("invalid_body", f"limit must be a whole number from 1 to "
                           f"{most}, got {raw[:20]!r}")
-    return int(raw)
+    return int(digits)
 
 
 def _is_number(text: str) -> bool:

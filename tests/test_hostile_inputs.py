@@ -85,7 +85,8 @@ async def test_non_finite_msgpack_floats_are_refused(publish):
 # -- query strings, paths and headers ---------------------------------------------------
 
 @pytest.mark.gen_test
-@pytest.mark.parametrize("limit", ["%C2%B2", "%E2%91%A0", "%D9%A3", "-1", "1.5", "0"])
+@pytest.mark.parametrize("limit", ["%C2%B2", "%E2%91%A0", "%D9%A3", "-1", "1.5", "0", "0" * 5000,
+                                   "9" * 5000])  # (int() refuses over 4300 digits)
 async def test_a_limit_that_is_not_ascii_digits_is_a_400(http_client, base_url, limit):
     response = await fetch(http_client, base_url, f"/v1/topics/t/events?limit={limit}")
     assert is_json_error(response, 400, "invalid_body")

@@ -80,6 +80,20 @@ async def test_malformed_requests_get_a_json_400(http_server, http_port, request
     assert body["error"]["code"] == "invalid_body"
 
 
+@pytest.mark.parametrize("path", ["/v1/topics/a/events", "/v1/events"])
+@pytest.mark.parametrize("zeros", [0, 5000])
+async def test_a_content_length_of_thousands_of_digits_is_answered(http_server, http_port,
+                                                                    path, zeros):
+    """int() refuses a number of over 4300 digits: the length must be judged without it."""
+    length = b"0" * zeros + b"9" * 5000
+    status, headers, body = split(await exchange(
+        http_port, b"POST %s HTTP/1.1\r\nHost: x\r\nContent-Length: %s\r\n\r\n{}"
+        % (path.encode(), length)))
+    assert status in (400, 413)
+    assert headers["Content-Type"] == "application/json"
+    assert body["error"]["code"] in ("invalid_body", "payload_too_large")
+
+
 @pytest.mark.settings(max_header_bytes=2048)
 async def test_headers_over_the_limit_get_a_json_431(http_server, http_port):
     head = b"GET /healthz HTTP/1.1\r\nHost: x\r\nX-Big: " + b"a" * 4096 + b"\r\n\r\n"
