@@ -30,6 +30,8 @@ from server.node import Node
 from server.topics import InvalidTopic, validate_pattern, validate_topic
 
 _HEADROOM = 64 * 1024  # bytes read past a limit before the connection is cut
+_UNCUT = 2**62  # a body size Tornado never reaches
+_DRAIN = 1024 * 1024  # bytes of a stream past its limit read (and dropped) before a cut
 BATCH_EXPECTED = '{"events": [{"topic": "orders.eu", "data": {"text": "hi"}}]} as JSON (or msgpack)'
 SINGLE_EXPECTED = ('the event\'s data as JSON, such as {"text": "hi"}, with Content-Type: '
                    "application/json (or msgpack with Content-Type: application/msgpack)")
@@ -129,6 +131,15 @@ class BatchHandler(BodyHandler):
         media = self.request.headers.get("Content-Type", "").split(";", 1)[0]
         return media.strip().lower() in STREAM_TYPES
 
+    def prepare(self) -> None:
+        super().prepare()
+        if self._streaming() and self.request.connection is not None:
+            # Tornado must not cut the body itself: it would drop the lines it holds
+            # back (it passes small chunks on 64 KiB at a time) and write a 400 into the
+            # answer. Past its limit the stream answers ``payload_too_large`` and drops
+            # the rest; ``_DRAIN`` bytes further it ends the answer and the connection.
+            self.request.connection.set_max_body_size(_UNCUT)  # type: ignore[attr-defined]
+
     async def data_received(self, chunk: bytes) -> None:
         if not self._streaming():
             await super().data_received(chunk)
@@ -136,7 +147,9 @@ class BatchHandler(BodyHandler):
         stream = self._stream()
         room = self.body_limit() - self._size
         self._size += len(chunk)
-        if stream.overflowed:
+        if stream.overflowed:  # read and dropped, so that the client reads the answer
+            if self._size > self.body_limit() + _DRAIN and not self._finished:
+                self.finish()  # too far: the answer ends here, and the connection with it
             return
         await stream.feed(chunk[:room] if len(chunk) > room else chunk)
         if len(chunk) > room:
@@ -169,7 +182,8 @@ class BatchHandler(BodyHandler):
         stream = self._stream()
         if not stream.overflowed:
             await stream.end()
-        self.finish()
+        if not self._finished:  # (a body far over the limit was cut, and finished then)
+            self.finish()
 
 
 def publisher(node: Node, authorization: str | None, ip: str) -> Grant:

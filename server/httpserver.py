@@ -18,7 +18,9 @@ What Tornado's own ``HTTPServer`` leaves open, and how it is closed here:
   logged per ``LOG_EVERY`` seconds, and ``accept_errors`` counts it.
 - Errors Tornado answers itself: a malformed request gets ``400 invalid_body`` and
   headers over ``max_header_size`` get ``431``, each with the JSON error body, where
-  Tornado would send an empty 400 or close without a word.
+  Tornado would send an empty 400 or close without a word. A body that goes bad after
+  its answer began (a streaming batch's) just ends the connection: a status line in
+  the middle of an answer would corrupt it.
 
 The last point relies on Tornado's HTTP/1.1 reader: that it reads a request's head
 with ``IOStream.read_until_regex`` (closing the stream with ``UnsatisfiableReadError``
@@ -36,6 +38,7 @@ from collections.abc import Awaitable, Iterable, Iterator
 from typing import Any
 
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
+from tornado.concurrent import Future
 from tornado.httpserver import HTTPServer
 from tornado.ioloop import IOLoop
 from tornado.iostream import IOStream, UnsatisfiableReadError
@@ -46,6 +49,7 @@ from server.logs import Throttle
 log = logging.getLogger("squall.http")
 
 MALFORMED_REPLY = b"HTTP/1.1 400 Bad Request\r\n\r\n"  # what Tornado writes, byte for byte
+CONTINUE = b"HTTP/1.1 100 "  # the interim answer to Expect: 100-continue
 ACCEPTS_PER_WAKEUP = 128
 PAUSE = 0.05  # seconds accepting stops after EMFILE, doubling up to MAX_PAUSE
 MAX_PAUSE = 1.0
@@ -132,10 +136,12 @@ class ServerStream(IOStream):
         self.ip = ip
         self._connections: Connections | None = connections
         self._reading_head = False
+        self._answering = False  # the answer to the current request has begun
 
     def read_until_regex(self, regex: bytes, max_bytes: int | None = None) -> Awaitable[bytes]:
         # how Tornado reads a request's head (and only that)
         self._reading_head = True
+        self._answering = False
         if self._connections is not None:
             self._connections.idle(self)
         future = super().read_until_regex(regex, max_bytes)
@@ -149,8 +155,14 @@ class ServerStream(IOStream):
 
     def write(self, data: bytes | memoryview) -> Any:
         if data == MALFORMED_REPLY:
+            if self._answering:  # a body went bad after its answer began (a stream's):
+                done: Future[None] = Future()  # no second status line in it; Tornado
+                done.set_result(None)          # closes the connection next
+                return done
             data = error_reply(400, "Bad Request", "invalid_body",
                                "the request is not valid HTTP/1.1")
+        elif bytes(data[:len(CONTINUE)]) != CONTINUE:
+            self._answering = True
         return super().write(data)
 
     def close(self, exc_info: Any = False) -> None:

@@ -103,6 +103,34 @@ async def test_a_body_over_the_stream_limit(http_client, base_url):
     assert all("id" in answer for answer in got[:-1]) and 0 < len(got) - 1 < 60
 
 
+@pytest.mark.settings(max_stream_bytes=4096)
+async def test_a_body_far_over_the_stream_limit_sent_at_once(http_client, base_url, http_port,
+                                                             node):
+    """Tornado hands small chunks on 64 KiB at a time: a body far past the limit, all
+    sent before anything is read, still gets the lines within the limit published and
+    answered, then the limit, in one well-formed answer: the rest is read and dropped."""
+    body = lines(*[{"topic": "nd.far", "data": n} for n in range(8000)])  # ~270 KB
+    reader, writer = await asyncio.open_connection("127.0.0.1", http_port)
+    try:
+        writer.write(b"POST /v1/events HTTP/1.1\r\nHost: x\r\nConnection: close\r\n"
+                     b"Content-Type: application/x-ndjson\r\nTransfer-Encoding: chunked\r\n\r\n"
+                     + b"".join(b"%x\r\n%s\r\n" % (len(body[at:at + 4000]), body[at:at + 4000])
+                                for at in range(0, len(body), 4000)) + b"0\r\n\r\n")
+        await writer.drain()
+        reply = await asyncio.wait_for(reader.read(), 10)
+    finally:
+        writer.close()
+    head, _, chunked = reply.partition(b"\r\n\r\n")
+    assert head.startswith(b"HTTP/1.1 202") and b"HTTP/1.1" not in chunked
+    assert chunked.endswith(b"0\r\n\r\n")  # the last chunk: the answer is whole
+    text = b"".join(chunked.split(b"\r\n")[1::2])
+    got = [json.loads(line) for line in text.splitlines()]
+    assert got[-1]["error"]["code"] == "payload_too_large"
+    published = [answer for answer in got[:-1] if "id" in answer]
+    assert len(published) == len(got) - 1 and len(published) > 100
+    assert node.hub.published == len(published)
+
+
 async def test_a_client_cut_off_half_way_publishes_each_complete_line_once(
         http_client, base_url, http_port, node):
     _, writer = await asyncio.open_connection("127.0.0.1", http_port)
