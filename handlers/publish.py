@@ -119,6 +119,7 @@ class BatchHandler(BodyHandler):
     published as the lines arrive, answered line by line)."""
 
     stream: NdjsonPublisher | None = None
+    cut = False  # a streaming body went ``_DRAIN`` past its limit: answered, finished
 
     expected = BATCH_EXPECTED
 
@@ -133,7 +134,8 @@ class BatchHandler(BodyHandler):
 
     def prepare(self) -> None:
         super().prepare()
-        if self._streaming() and self.request.connection is not None:
+        if (self.request.method == "POST" and self._streaming()
+                and self.request.connection is not None):
             # Tornado must not cut the body itself: it would drop the lines it holds
             # back (it passes small chunks on 64 KiB at a time) and write a 400 into the
             # answer. Past its limit the stream answers ``payload_too_large`` and drops
@@ -148,7 +150,8 @@ class BatchHandler(BodyHandler):
         room = self.body_limit() - self._size
         self._size += len(chunk)
         if stream.overflowed:  # read and dropped, so that the client reads the answer
-            if self._size > self.body_limit() + _DRAIN and not self._finished:
+            if self._size > self.body_limit() + _DRAIN and not self.cut:
+                self.cut = True
                 self.finish()  # too far: the answer ends here, and the connection with it
             return
         await stream.feed(chunk[:room] if len(chunk) > room else chunk)
@@ -182,7 +185,7 @@ class BatchHandler(BodyHandler):
         stream = self._stream()
         if not stream.overflowed:
             await stream.end()
-        if not self._finished:  # (a body far over the limit was cut, and finished then)
+        if not self.cut:  # (a body far over the limit was finished when it was cut)
             self.finish()
 
 
