@@ -4,7 +4,9 @@ answered line by line, in order, with bad lines refused one by one."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
+import socket
 
 import pytest
 
@@ -129,6 +131,30 @@ async def test_a_body_far_over_the_stream_limit_sent_at_once(http_client, base_u
     published = [answer for answer in got[:-1] if "id" in answer]
     assert len(published) == len(got) - 1 and len(published) > 100
     assert node.hub.published == len(published)
+
+
+@pytest.mark.settings(max_stream_bytes=4096)
+async def test_a_body_a_mebibyte_past_the_stream_limit_is_cut(http_server, http_port, node):
+    body = lines(*[{"topic": "nd.cut", "data": n} for n in range(60_000)])  # ~2 MB
+    within = body[:4096].count(b"\n")
+
+    def exchange() -> bytes:  # a blocking client: it sends all, then reads to the end
+        with socket.create_connection(("127.0.0.1", http_port), timeout=10) as sock:
+            sock.sendall(b"POST /v1/events HTTP/1.1\r\nHost: x\r\nContent-Type: "
+                         b"application/x-ndjson\r\nTransfer-Encoding: chunked\r\n\r\n")
+            with contextlib.suppress(ConnectionError):  # the server stopped reading
+                for at in range(0, len(body), 4000):
+                    part = body[at:at + 4000]
+                    sock.sendall(b"%x\r\n%s\r\n" % (len(part), part))
+            received = b""
+            with contextlib.suppress(ConnectionError):  # the unread rest may reset it
+                while chunk := sock.recv(65536):
+                    received += chunk
+            return received
+
+    # the server ends the connection (a timeout here would mean it read on and on)
+    await asyncio.wait_for(asyncio.get_running_loop().run_in_executor(None, exchange), 20)
+    assert node.hub.published == within
 
 
 async def test_a_client_cut_off_half_way_publishes_each_complete_line_once(
