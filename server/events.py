@@ -15,6 +15,9 @@ from server.codec import JSON, Codec, dump_json
 from server.wire import WireFormat
 
 
+MAX_SEQ = 2**63 - 1  # past any seq a broker gives out (and past what a Redis stream id holds)
+
+
 class EventId(NamedTuple):
     epoch: str
     seq: int
@@ -28,7 +31,7 @@ class EventId(NamedTuple):
         if not isinstance(text, str) or len(text) > 64:
             return None
         epoch, _, seq = text.rpartition("-")
-        if not epoch or not seq.isdigit() or not seq.isascii():
+        if not epoch or not seq.isdigit() or not seq.isascii() or int(seq) > MAX_SEQ:
             return None
         return cls(epoch, int(seq))
 
