@@ -47,12 +47,15 @@ _json_encoder = json.JSONEncoder(ensure_ascii=False, separators=(",", ":"), allo
 def json_safe(value: Any) -> Any:
     """A copy of a msgpack value that JSON can carry.
 
-    bytes become base64 strings, non-string map keys strings, non-finite floats and
-    extension types null. Only called when plain encoding failed.
+    bytes become base64 strings, non-string map keys strings (the JSON text of the key
+    converted: ``1``, ``true``, ``null``), non-finite floats and extension types null,
+    timestamps milliseconds (null beyond 64 bits). Only called when plain encoding failed.
     """
     if isinstance(value, dict):
-        return {key if isinstance(key, str) else str(json_safe(key)): json_safe(item)
+        return {key if isinstance(key, str) else _key_text(key): json_safe(item)
                 for key, item in value.items()}
+    if isinstance(value, msgpack.ExtType):  # (a named tuple: before the arrays)
+        return None
     if isinstance(value, list | tuple):
         return [json_safe(item) for item in value]
     if isinstance(value, bytes | bytearray):
@@ -62,8 +65,14 @@ def json_safe(value: Any) -> Any:
     if isinstance(value, str | int | float | bool) or value is None:
         return value
     if isinstance(value, msgpack.Timestamp):
-        return value.to_unix_nano() // 1_000_000
+        milliseconds = value.to_unix_nano() // 1_000_000
+        return milliseconds if -2**63 <= milliseconds < 2**64 else None
     return None
+
+
+def _key_text(key: Any) -> str:
+    converted = json_safe(key)
+    return converted if isinstance(converted, str) else orjson.dumps(converted).decode()
 
 
 def dump_json(value: Any) -> bytes:

@@ -44,6 +44,16 @@ async def test_msgpack_only_values_reach_json_subscribers_as_json(ws_connect, pu
     await publish("raw", body=msgpack.packb({"blob": b"\x00\x01", 1: 2.5}),
                   headers={"Content-Type": "application/msgpack"})
     assert (await client.recv_type("event"))["data"] == {"blob": "AAE=", "1": 2.5}
+    # extension types are null, a timestamp is milliseconds (null past 64 bits), and a
+    # key that is not a string is the JSON text of its converted value
+    odd = {"ext": msgpack.ExtType(5, b"abc"), "at": msgpack.Timestamp(1, 500_000_000),
+           "far": msgpack.Timestamp(2**63 - 1), "before": msgpack.Timestamp(-2**63),
+           None: "nil", True: "yes", b"\x00\x01": "bytes", msgpack.ExtType(7, b"z"): "ext"}
+    await publish("raw", body=msgpack.packb(odd, datetime=False),
+                  headers={"Content-Type": "application/msgpack"})
+    assert (await client.recv_type("event"))["data"] == {
+        "ext": None, "at": 1500, "far": None, "before": None, "null": "ext", "true": "yes",
+        "AAE=": "bytes"}
 
 
 async def test_batch_publish_in_order(ws_connect, http_client, base_url):
