@@ -14,7 +14,6 @@ from typing import Any, NamedTuple
 from server.codec import JSON, Codec, dump_json
 from server.wire import WireFormat
 
-
 MAX_SEQ = 2**63 - 1  # past any seq a broker gives out (and past what a Redis stream id holds)
 
 
