@@ -72,6 +72,21 @@ async def test_last_event_id_wins_over_since(sse, publish):
     assert (await client.recv_type("subscribed"))["recovered"] is True
 
 
+async def test_a_resume_of_overlapping_topics_replays_each_event_once(sse, publish):
+    ids = [await post(publish, f"o.{'ab'[n % 2]}", n) for n in range(5)]
+    client = await sse("o.>", "o.a", "o.*", last_event_id=ids[0])
+    replayed, subscribed = [], 0
+    while subscribed < 3:
+        message = await client.recv()
+        if message["type"] == "event":
+            replayed.append(message["data"])
+        elif message["type"] == "subscribed":
+            subscribed += 1
+    assert replayed == [1, 2, 3, 4]  # before the subscribed replies, each once
+    live = [await post(publish, f"o.{topic}", topic) for topic in "ab"]
+    assert [(await client.recv_type("event"))["id"] for _ in live] == live  # once each
+
+
 async def test_bad_requests_are_answered_before_the_stream(sse):
     for topics, status, code in [((), 400, "invalid_body"), (("a..b",), 400, "invalid_topic")]:
         with pytest.raises(HttpRefused) as refused:
