@@ -34,7 +34,7 @@ from dataclasses import replace
 from typing import Any, NamedTuple
 
 from server import signals
-from server.admission import CLOSE_UNAUTHORIZED, Admitted
+from server.admission import CLOSE_FORBIDDEN, CLOSE_UNAUTHORIZED, Admitted
 from server.broker.base import Publishable, Published
 from server.codec import JSON, load_json
 from server.commands import (
@@ -54,12 +54,13 @@ from server.errors import SquallError
 from server.keepalive import Keepalive
 from server.node import Node
 from server.ratelimit import FrameLimiter, RateLimited, Verdict
-from server.wire import LINES, WireFormat
+from server.wire import LINES, SSE, WireFormat
 
 log = logging.getLogger("squall.session")
 
 CLOSE_GOING_AWAY = 1001
 CLOSE_INTERNAL_ERROR = 1011
+CLOSE_TRY_AGAIN = 1013
 CLOSE_PROTOCOL_ABUSE = 4000
 CLOSE_RATE_LIMITED = 4029
 
@@ -264,8 +265,21 @@ class Session:
             await self._run(parsed)
         except SquallError as exc:
             self._refused(exc, exc.ref if isinstance(exc, FrameError) else ref)
+            if self.wire is SSE and isinstance(parsed, Subscribe):
+                self._end_stream(exc)
         except RecursionError:  # a value decoded, but too deep to encode again
             self._bad_frame(SquallError("invalid_body", "the value is nested too deeply"), ref)
+
+    def _end_stream(self, exc: SquallError) -> None:
+        """An SSE stream's subscriptions are its query's: one that failed ends the stream
+        (after its ``error`` event), so that ``EventSource`` comes back and tries again
+        rather than staying open without it."""
+        if exc.code == "broker_unavailable":
+            self.close(CLOSE_TRY_AGAIN, "the broker is unavailable; try again later")
+        elif exc.code == "forbidden":
+            self.close(CLOSE_FORBIDDEN, exc.message)
+        else:
+            self.close(CLOSE_INTERNAL_ERROR, f"a subscription failed: {exc.code}")
 
     def _refused(self, exc: SquallError, ref: Any) -> None:
         if isinstance(exc, FrameError) or exc.code == "invalid_body":  # the frame was bad

@@ -11,6 +11,7 @@ import httpx
 import pytest
 from httpx_sse import aconnect_sse
 
+from server.errors import BrokerUnavailable
 from tests.transport_clients import HttpRefused, SseClient
 
 pytestmark = pytest.mark.gen_test(timeout=30)
@@ -85,6 +86,18 @@ async def test_a_resume_of_overlapping_topics_replays_each_event_once(sse, publi
     assert replayed == [1, 2, 3, 4]  # before the subscribed replies, each once
     live = [await post(publish, f"o.{topic}", topic) for topic in "ab"]
     assert [(await client.recv_type("event"))["id"] for _ in live] == live  # once each
+
+
+async def test_a_subscription_that_fails_ends_the_stream(sse, node, monkeypatch):
+    async def unavailable(name):
+        raise BrokerUnavailable("the broker did not answer (test)")
+
+    monkeypatch.setattr(node.broker, "position", unavailable)
+    client = await sse("down.a")
+    error = await client.recv_type("error")
+    assert error["code"] == "broker_unavailable"
+    assert await client.closed_with() == 1013  # try again later: EventSource comes back
+    assert await client.ends()
 
 
 async def test_bad_requests_are_answered_before_the_stream(sse):
