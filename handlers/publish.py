@@ -218,6 +218,8 @@ async def publish_one(node: Node, rights: Grant, raw_topic: str, content_type: s
     topic = _topic(raw_topic, node.settings.max_topic_length)
     authorize(rights, rights.check_publish, topic)
     data, _ = decode_body(content_type, body, SINGLE_EXPECTED)
+    if key is not None:
+        key = _header_text(key, "Idempotency-Key")
     if key is not None and not 0 < len(key) <= MAX_KEY_LENGTH:
         raise SquallError("invalid_body", "Idempotency-Key must be 1 to "
                           f"{MAX_KEY_LENGTH} characters")
@@ -275,6 +277,15 @@ def _limit(raw: str | None, most: int) -> int | None:
         raise SquallError("invalid_body", f"limit must be a whole number from 1 to "
                           f"{most}, got {raw[:20]!r}")
     return int(digits)
+
+
+def _header_text(value: str, name: str) -> str:
+    """A header's value as the UTF-8 it was sent in (Tornado reads headers as Latin-1),
+    so that a key means the same in a header as in a JSON body."""
+    try:
+        return value.encode("latin-1").decode("utf-8")
+    except UnicodeError:
+        raise SquallError("invalid_body", f"{name} must be UTF-8") from None
 
 
 def _is_number(text: str) -> bool:

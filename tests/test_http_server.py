@@ -266,3 +266,20 @@ async def _flood(server: ServerProcess) -> None:
     for writer in flood:
         writer.close()
     await subscriber.close()
+
+
+async def test_an_idempotency_key_header_is_read_as_utf8(http_server, http_port):
+    """Tornado reads headers as Latin-1; a key means the same in a header as in a body."""
+    key = "é" * 200  # 200 characters, 400 bytes
+    body = json.dumps({"events": [{"topic": "k", "data": 1, "idempotency_key": key}]})
+    _, _, batch = split(await exchange(http_port, (
+        "POST /v1/events HTTP/1.1\r\nHost: x\r\nConnection: close\r\nContent-Type: "
+        f"application/json\r\nContent-Length: {len(body)}\r\n\r\n{body}").encode()))
+    status, _, single = split(await exchange(http_port, (
+        "POST /v1/topics/k/events HTTP/1.1\r\nHost: x\r\nConnection: close\r\n"
+        f"Idempotency-Key: {key}\r\nContent-Length: 1\r\n\r\n1").encode()))
+    assert status == 202 and single["id"] == batch["events"][0]["id"]
+    status, _, refused = split(await exchange(
+        http_port, b"POST /v1/topics/k/events HTTP/1.1\r\nHost: x\r\nConnection: close\r\n"
+        b"Idempotency-Key: \xe9\r\nContent-Length: 1\r\n\r\n1"))  # Latin-1, not UTF-8
+    assert (status, refused["error"]["code"]) == (400, "invalid_body")
