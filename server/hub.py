@@ -511,32 +511,23 @@ class Hub:
             await self._join(connection, name, new)
             connection.send(reply)
 
-    def hold(self, connection: Connection) -> Callable[[], None]:
-        """Hold the connection's live events back, as a replay does, until the function
-        returned is called. A handshake's subscribes run inside one hold, so an event
-        that several of them replay goes out once."""
-        hold = connection.hold
-        if hold is None:
-            hold = connection.hold = _Hold()
-        hold.holders += 1
-        return lambda: self._release(connection, hold)
-
     @contextlib.contextmanager
     def _holding(self, connection: Connection) -> Iterator[_Hold]:
         """Hold the connection's live events back until the block (and every other
         block holding them) has ended."""
-        release = self.hold(connection)
+        hold = connection.hold
+        if hold is None:
+            hold = connection.hold = _Hold()
+        hold.holders += 1
         try:
-            yield connection.hold
+            yield hold
         finally:
-            release()
+            self._release(connection, hold)
 
     async def _replay(self, connection: Connection, hold: _Hold, events: list[Event]) -> None:
         """Enqueue a replay paced by the socket, so a long one never overflows the queue."""
         budget = connection.max_queue_bytes // 2
         for event in events:
-            if event.id in hold.replayed:  # by another name in the same hold
-                continue
             hold.replayed.add(event.id)
             connection.enqueue(event.frame(connection.wire))
             if connection.queued_bytes > budget:

@@ -29,9 +29,9 @@ import asyncio
 import collections
 import logging
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Iterable
 from dataclasses import replace
-from typing import Any, NamedTuple
+from typing import Any
 
 from server import signals
 from server.admission import CLOSE_FORBIDDEN, CLOSE_UNAUTHORIZED, Admitted
@@ -66,17 +66,8 @@ CLOSE_RATE_LIMITED = 4029
 
 Message = bytes | str | dict[str, Any]
 """A client message as the adapter read it, or a frame the server made for it."""
-
-
-class _Release(NamedTuple):
-    """Queued after a handshake's commands: ends the hold they ran in (``Hub.hold``)."""
-
-    release: Callable[[], None]
-    ref: Any = None
-
-
-Parsed = Command | SquallError | _Release
-"""What a message says: a command, or why it is not one (or the end of a hold)."""
+Parsed = Command | SquallError
+"""What a message says: a command, or why it is not one."""
 
 PUBLISH_GROUP = 256  # consecutive publish frames sent to the broker in one call at most
 
@@ -128,13 +119,8 @@ class Session:
             self._keepalive.add(self)
         signals.client_connected.send(self, client=self.info)
         self._expire_at(self.rights.expires_at)
-        commands = list(commands)
-        # one hold for them all: an event that several of them replay goes out once
-        release = node.hub.hold(self.connection) if len(commands) > 1 else None
         for command in commands:
             self._queue(command)
-        if release is not None:
-            self._push((0, _Release(release)))
 
     # -- from the adapter --------------------------------------------------------------
 
@@ -206,9 +192,6 @@ class Session:
             item: tuple[int, Parsed] = (size, self._parse(message))
         except SquallError as exc:
             item = (size, exc)
-        self._push(item)
-
-    def _push(self, item: tuple[int, Parsed]) -> None:
         if self._inbox is not None:
             self._inbox.append(item)
             return
@@ -254,9 +237,6 @@ class Session:
             self.node.auth_hook is None or self.rights.may_publish(parsed.topic))
 
     async def _on_parsed(self, parsed: Parsed) -> None:
-        if isinstance(parsed, _Release):
-            parsed.release()
-            return
         ref = parsed.ref if isinstance(parsed, FrameError) else None
         try:
             if isinstance(parsed, SquallError):
