@@ -6,8 +6,11 @@ from __future__ import annotations
 import asyncio
 import itertools
 import json
+import random
 import signal
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from typing import Any
 
 import pytest
 from websockets.asyncio.server import ServerConnection, serve
@@ -15,6 +18,7 @@ from websockets.typing import Subprotocol
 
 from squall_client import (
     AsyncPublisher,
+    Backoff,
     Disconnected,
     Event,
     Gap,
@@ -408,3 +412,40 @@ def test_close_ends_the_iteration_and_pending_subscribes(squall: ServerProcess) 
 def test_gap_and_event_are_plain_values() -> None:
     assert Gap("a.*", "not_recovered") == Gap("a.*", "not_recovered")
     assert Event("a", "x-1", 1, None).data is None
+
+
+@dataclass(frozen=True)
+class _Recording(Backoff):
+    """A fast backoff that notes the attempt numbers it is asked for."""
+
+    attempts: list[int] = field(default_factory=list)
+
+    def delay(self, attempt: int, rand: Callable[[], float] = random.random) -> float:
+        self.attempts.append(attempt)
+        return 0.01
+
+
+def test_the_backoff_grows_while_the_server_stays_away() -> None:
+    """After a good connection, failed connects count up: one client must not try
+    again every fraction of a second through an outage."""
+    backoff = _Recording()
+    servers: list[Any] = []
+
+    async def once(socket: ServerConnection) -> None:
+        frame = json.loads(await socket.recv())
+        await socket.send(json.dumps({"type": "subscribed", "topic": frame["topic"],
+                                      "ref": frame["ref"], "last_id": "e-1"}))
+        servers[0].close(close_connections=False)  # no more connections from now on
+        await socket.close(1001, "going away")
+
+    async def main() -> None:
+        server = await serve(once, "127.0.0.1", 0, subprotocols=[Subprotocol("squall.v1.json")])
+        servers.append(server)
+        port = server.sockets[0].getsockname()[1]
+        async with Subscriber(f"ws://127.0.0.1:{port}", backoff=backoff) as subscriber:
+            await subscriber.subscribe("t")
+            await eventually(lambda: len(backoff.attempts) >= 5, what="five reconnects")
+        await server.wait_closed()
+        assert backoff.attempts[:5] == [0, 1, 2, 3, 4]
+
+    run(main())

@@ -290,7 +290,8 @@ class Subscriber:
 
     async def _connect_and_serve(self, token: str | None) -> tuple[int | None, str]:
         """One connection, from the handshake to its close code and reason."""
-        try:
+        self._confirmed_here = False  # until this connection proves itself (a failed
+        try:                          # connect does not: the backoff grows)
             socket = await _connection.open_socket(self.url, subprotocol=self._codec.protocol,
                                                    token=token, **self._socket_options)
         except (OSError, TimeoutError, WebSocketException) as exc:
@@ -307,7 +308,6 @@ class Subscriber:
         outbox: asyncio.Queue[dict[str, Any]] = asyncio.Queue()
         writer = loop.create_task(self._write(socket, outbox))
         self._outbox = outbox  # set while connected: subscribes go out at once
-        self._confirmed_here = False
         for subscription in self._registry:
             self._send_subscribe(subscription)
         try:
