@@ -151,3 +151,14 @@ def test_mint_token_carries_the_claims_squall_reads() -> None:
 def test_error_answers(status: int, body: bytes, code: str, message: str) -> None:
     found = error(status, body)
     assert (found.code, found.message, found.status) == (code, message, status)
+
+
+def test_split_batches_refuses_data_over_max_event_bytes_by_its_index() -> None:
+    entries = [("t", n) for n in range(1500)] + [("t", "x" * 100_000)]
+    with pytest.raises(SquallError) as refused:
+        split_batches(entries, 1000, 1 << 20)  # the server's defaults: 64 KiB an event
+    assert refused.value.code == "payload_too_large"
+    assert refused.value.message.startswith("events[1500]: data is 100002 bytes")
+    fits = "x" * (64 * 1024 - 2)  # its JSON, quotes included, is exactly the limit
+    assert split_batches([("t", fits, "k")], 1000, 1 << 20)[0].count == 1
+    split_batches([("t", "x" * 100_000)], 1000, 1 << 20, max_event_bytes=200_000)

@@ -23,6 +23,7 @@ JSON = "application/json"
 RETRY_STATUSES = frozenset({502, 503, 504})
 MAX_BATCH_EVENTS = 1000         # the server's max_batch_events default
 MAX_BATCH_BYTES = 1024 * 1024   # the server's max_batch_bytes default
+MAX_EVENT_BYTES = 64 * 1024     # the server's max_event_bytes default
 BATCH_PATH = "/v1/events"
 
 # (topic, data) or (topic, data, idempotency_key)
@@ -153,23 +154,30 @@ class Batch:
     count: int
 
 
-def split_batches(entries: Iterable[BatchEntry], max_events: int,
-                  max_bytes: int) -> list[Batch]:
+def split_batches(entries: Iterable[BatchEntry], max_events: int, max_bytes: int,
+                  max_event_bytes: int = MAX_EVENT_BYTES) -> list[Batch]:
     """Every entry, encoded once with its idempotency key (the one given, or a new
     one), in bodies of at most ``max_events`` events and ``max_bytes`` bytes, in order.
 
     Raises ``ValueError`` for a malformed entry and ``SquallError("payload_too_large")``
-    for one that no batch can hold, before anything is sent.
+    for one that no batch can hold or whose data is over ``max_event_bytes`` as JSON,
+    before anything is sent; its message gives the entry's index in ``entries``.
     """
     if max_events < 1:
         raise ValueError("max_batch_events must be at least 1")
     batches: list[Batch] = []
     pending: list[bytes] = []
     size = _EMPTY
-    for encoded in [_entry(entry) for entry in entries]:
+    for index, entry in enumerate(entries):
+        encoded = _entry(entry)
+        if len(encoded) > max_event_bytes:  # the entry holds the data: measure the data
+            data_size = len(encode(entry[1]))
+            if data_size > max_event_bytes:
+                raise SquallError("payload_too_large", f"events[{index}]: data is "
+                                  f"{data_size} bytes; the limit is {max_event_bytes}")
         if _EMPTY + len(encoded) > max_bytes:
-            raise SquallError("payload_too_large", f"one event is {len(encoded)} bytes in a "
-                              f"batch; a batch holds at most {max_bytes}")
+            raise SquallError("payload_too_large", f"events[{index}] is {len(encoded)} bytes "
+                              f"in a batch; a batch holds at most {max_bytes}")
         if pending and (len(pending) >= max_events or size + 1 + len(encoded) > max_bytes):
             batches.append(_batch(pending))
             pending, size = [], _EMPTY

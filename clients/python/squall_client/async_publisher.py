@@ -13,6 +13,7 @@ import httpx
 from squall_client._wire import (
     MAX_BATCH_BYTES,
     MAX_BATCH_EVENTS,
+    MAX_EVENT_BYTES,
     BatchEntry,
     Endpoint,
     base_headers,
@@ -43,6 +44,7 @@ class AsyncPublisher:
                  deadline: float = 30.0, backoff: Backoff = PUBLISH_BACKOFF,
                  max_connections: int = 16, max_batch_events: int = MAX_BATCH_EVENTS,
                  max_batch_bytes: int = MAX_BATCH_BYTES,
+                 max_event_bytes: int = MAX_EVENT_BYTES,
                  verify: ssl.SSLContext | bool = True) -> None:
         self._endpoint = Endpoint.parse(url)
         self._headers = base_headers(api_key)
@@ -51,6 +53,7 @@ class AsyncPublisher:
         self.backoff = backoff
         self.max_batch_events = max_batch_events
         self.max_batch_bytes = max_batch_bytes
+        self.max_event_bytes = max_event_bytes
         limits = httpx.Limits(max_connections=max_connections,
                               max_keepalive_connections=max_connections)
         self._client = httpx.AsyncClient(base_url=self._endpoint.origin, limits=limits,
@@ -67,7 +70,8 @@ class AsyncPublisher:
     async def publish_many(self, events: Iterable[BatchEntry]) -> list[Published]:
         """As ``Publisher.publish_many``: batches within the limits, sent in order."""
         outcomes: list[Published] = []
-        for batch in split_batches(events, self.max_batch_events, self.max_batch_bytes):
+        for batch in split_batches(events, self.max_batch_events, self.max_batch_bytes,
+                                   self.max_event_bytes):
             answer = await self._post(self._endpoint.batch_path, batch.body, self._headers)
             outcomes.extend(published_batch(answer, batch.count))
         return outcomes

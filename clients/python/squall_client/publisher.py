@@ -20,6 +20,7 @@ from typing import Any
 from squall_client._wire import (
     MAX_BATCH_BYTES,
     MAX_BATCH_EVENTS,
+    MAX_EVENT_BYTES,
     BatchEntry,
     Endpoint,
     base_headers,
@@ -63,6 +64,7 @@ class Publisher:
                  deadline: float = 30.0, backoff: Backoff = PUBLISH_BACKOFF,
                  pool_size: int = 8, max_batch_events: int = MAX_BATCH_EVENTS,
                  max_batch_bytes: int = MAX_BATCH_BYTES,
+                 max_event_bytes: int = MAX_EVENT_BYTES,
                  ssl_context: ssl.SSLContext | None = None) -> None:
         self._endpoint = Endpoint.parse(url)
         self._headers = base_headers(api_key)
@@ -71,6 +73,7 @@ class Publisher:
         self.backoff = backoff
         self.max_batch_events = max_batch_events
         self.max_batch_bytes = max_batch_bytes
+        self.max_event_bytes = max_event_bytes
         self._pool = _Pool(self._endpoint, pool_size, ssl_context)
 
     def publish(self, topic: str, data: Any, *, idempotency_key: str | None = None) -> Published:
@@ -81,14 +84,16 @@ class Publisher:
     def publish_many(self, events: Iterable[BatchEntry]) -> list[Published]:
         """Publish ``(topic, data)`` or ``(topic, data, idempotency_key)`` entries in
         order, as few ``POST /v1/events`` batches as the limits allow
-        (``max_batch_events``, ``max_batch_bytes``: the server's, by default).
+        (``max_batch_events``, ``max_batch_bytes``: the server's, by default); data
+        over ``max_event_bytes`` raises ``payload_too_large`` before anything is sent.
 
         Each batch is published whole or not at all and retried like ``publish``. If a
         later batch fails, the earlier ones stay published: pass your own keys to make
         running the whole call again safe.
         """
         outcomes: list[Published] = []
-        for batch in split_batches(events, self.max_batch_events, self.max_batch_bytes):
+        for batch in split_batches(events, self.max_batch_events, self.max_batch_bytes,
+                                   self.max_event_bytes):
             answer = self._post(self._endpoint.batch_path, batch.body, self._headers)
             outcomes.extend(published_batch(answer, batch.count))
         return outcomes
