@@ -3,14 +3,17 @@ URLs, close codes, tokens, error answers."""
 
 from __future__ import annotations
 
+import asyncio
 import json
 import random
 
 import jwt
 import pytest
 
-from squall_client import Backoff, SquallError, matches, mint_token
+from squall_client import Backoff, Event, SquallError, matches, mint_token
 from squall_client._connection import After, after_close, socket_url
+from squall_client._delivery import Delivery
+from squall_client._registry import Registry, Subscription
 from squall_client._wire import error, split_batches
 from squall_client.backoff import RetrySchedule
 
@@ -162,3 +165,25 @@ def test_split_batches_refuses_data_over_max_event_bytes_by_its_index() -> None:
     fits = "x" * (64 * 1024 - 2)  # its JSON, quotes included, is exactly the limit
     assert split_batches([("t", fits, "k")], 1000, 1 << 20)[0].count == 1
     split_batches([("t", "x" * 100_000)], 1000, 1 << 20, max_event_bytes=200_000)
+
+
+def test_a_position_never_goes_back_when_replays_of_two_topics_interleave() -> None:
+    """A resume merges overlapping replays: x.b's events may come before x.a's older
+    ones. The pattern's position stays at the newest, or its next resume would replay
+    x.b again."""
+    async def main() -> None:
+        registry = Registry()
+        pattern, topic = Subscription("x.*", None), Subscription("x.a", None)
+        for subscription in (pattern, topic):
+            registry.add(subscription)
+            registry.set_live(subscription, True)
+        delivery = Delivery(buffer_size=100, replay_size=100)
+        for topic_name, seq in (("x.b", 14), ("x.b", 15), ("x.a", 11), ("x.a", 12)):
+            event = Event(topic_name, f"e-{seq}", 0, seq)
+            assert delivery.accept(event, registry.matching(topic_name))
+        assert (pattern.position, topic.position) == ("e-15", "e-12")
+        other = Event("x.a", "f-3", 0, 3)  # another epoch: the old history is gone
+        assert delivery.accept(other, registry.matching("x.a"))
+        assert (pattern.position, topic.position) == ("f-3", "f-3")
+
+    asyncio.run(main())

@@ -104,7 +104,8 @@ class Delivery:
         for subscription in matching:
             if subscription.live:
                 wanted = True
-                subscription.position = event.id
+                if _after(event.id, subscription.position):
+                    subscription.position = event.id
             else:
                 unsettled = True
         if wanted:
@@ -189,5 +190,21 @@ class Delivery:
 
 def _advance(matching: tuple[Subscription, ...], event_id: str) -> None:
     for subscription in matching:
-        if subscription.live:
+        if subscription.live and _after(event_id, subscription.position):
             subscription.position = event_id
+
+
+def _after(event_id: str, position: str | None) -> bool:
+    """Whether ``event_id`` comes after ``position``. Squall's ids are
+    ``<epoch>-<seq>``, the seq growing across topics (docs/protocol.md): events of two
+    topics may come out of that order in a resume's merged replays, and a pattern
+    subscription's position must not go back then, or its next resume would replay
+    what it delivered. Another epoch (the history behind the old one was lost), or an
+    id of another shape, is taken as it comes."""
+    if position is None:
+        return True
+    epoch, _, seq = event_id.rpartition("-")
+    at_epoch, _, at_seq = position.rpartition("-")
+    if epoch != at_epoch or not (seq.isdigit() and at_seq.isdigit()):
+        return True
+    return int(seq) > int(at_seq)
