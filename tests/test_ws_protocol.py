@@ -108,6 +108,19 @@ async def test_pings_are_answered_with_their_payload_between_fragments(raw):
     assert await client.read_message() == {"type": "pong"}
 
 
+async def test_a_message_in_many_fragments_empty_ones_too_arrives_whole(raw, node):
+    """Fragments go into one buffer: empty ones cost nothing (they once cost an entry
+    each, without limit), and a character split between two fragments stays whole."""
+    client = await raw()
+    mask = b"\0\0\0\0"
+    text = '{"type": "ping", "ref": "é✓"}'.encode()
+    split = text.index("✓".encode()) + 1  # inside the three bytes of ✓
+    client.writer.write(bytes([0x01, 0x80 | split]) + mask + text[:split]
+                        + (bytes([0x00, 0x80]) + mask) * 20_000
+                        + bytes([0x80, 0x80 | (len(text) - split)]) + mask + text[split:])
+    assert await client.read_message() == {"type": "pong", "ref": "é✓"}
+
+
 @pytest.mark.settings(max_frame_bytes=1024)
 async def test_a_message_over_the_limit_in_fragments_closes_with_1009(raw):
     client = await raw()

@@ -133,7 +133,9 @@ class WebSocketTransport(StreamTransport):
         self.max_message_size = max_message_size
         self.text_as_bytes = text_as_bytes
         self._buffer = b""
-        self._fragments: list[Any] | None = None  # a fragmented message under way
+        # a fragmented message under way: its bytes so far, in one buffer (a frame adds
+        # its payload, nothing more: empty fragments cost no memory)
+        self._fragments: bytearray | None = None
         self._kind = 0  # its opcode
         self._size = 0  # its bytes so far
         self._decoder: codecs.IncrementalDecoder | None = None
@@ -258,7 +260,7 @@ class WebSocketTransport(StreamTransport):
             else:
                 self._deliver(_text(payload))
         else:
-            self._fragments, self._kind, self._size = [], opcode, 0
+            self._fragments, self._kind, self._size = bytearray(), opcode, 0
             if opcode == OPCODE_TEXT:
                 self._decoder = codecs.getincrementaldecoder("utf-8")()
             self._fragment(payload, final)
@@ -267,19 +269,22 @@ class WebSocketTransport(StreamTransport):
         fragments = self._fragments
         assert fragments is not None
         self._size += len(payload)
-        if self._decoder is not None:
+        decoder = self._decoder
+        if decoder is not None:  # checked as it comes, so bad UTF-8 fails fast
             try:
-                fragments.append(self._decoder.decode(payload, final))
+                decoder.decode(payload, final)
             except UnicodeDecodeError:
                 raise ProtocolError(CLOSE_INVALID_DATA, "invalid UTF-8 in a text message") from None
-        else:
-            fragments.append(payload)
+        fragments += payload
         if not final:
             return
-        message: str | bytes = "".join(fragments) if self._decoder is not None else b"".join(
-            fragments)
         self._fragments, self._decoder, self._size = None, None, 0
-        self._deliver(message)
+        if decoder is None:
+            self._deliver(bytes(fragments))
+        elif self.text_as_bytes:
+            self._deliver(bytes(fragments))  # valid UTF-8: checked above
+        else:
+            self._deliver(fragments.decode())
 
     def _deliver(self, message: str | bytes) -> None:
         if self.sink is not None:
