@@ -59,9 +59,8 @@ class BodyHandler(ApiHandler):
             self.rights = self.grant()
         limit = self.body_limit()
         length = self.request.headers.get("Content-Length", "")
-        digits = length.lstrip("0") if _is_number(length) else ""
-        if len(digits) > len(str(limit)) or (digits and int(digits) > limit):
-            raise _too_large(limit)  # (int() refuses a number of thousands of digits)
+        if _is_number(length) and _at_most(length, limit) is None:
+            raise _too_large(limit)
         if self.request.connection is not None:
             self.request.connection.set_max_body_size(limit + _HEADROOM)  # type: ignore[attr-defined]
 
@@ -272,11 +271,11 @@ def _topic(raw: str, max_length: int) -> str:
 def _limit(raw: str | None, most: int) -> int | None:
     if raw is None:
         return None
-    digits = raw.lstrip("0") if _is_number(raw) else ""
-    if not digits or len(digits) > len(str(most)) or int(digits) > most:
+    value = _at_most(raw, most) if _is_number(raw) else None
+    if not value:
         raise SquallError("invalid_body", f"limit must be a whole number from 1 to "
                           f"{most}, got {raw[:20]!r}")
-    return int(digits)
+    return value
 
 
 def _header_text(value: str, name: str) -> str:
@@ -286,6 +285,16 @@ def _header_text(value: str, name: str) -> str:
         return value.encode("latin-1").decode("utf-8")
     except UnicodeError:
         raise SquallError("invalid_body", f"{name} must be UTF-8") from None
+
+
+def _at_most(digits: str, most: int) -> int | None:
+    """The number ``digits`` (ASCII) spell if it is at most ``most``, else None, judged
+    by length first: ``int()`` refuses text of over 4,300 digits."""
+    significant = digits.lstrip("0")
+    if len(significant) > len(str(most)):
+        return None
+    value = int(significant or "0")
+    return value if value <= most else None
 
 
 def _is_number(text: str) -> bool:
