@@ -100,10 +100,9 @@ class MemoryHistory:
     def extend(self, events: Sequence[Event]) -> None:
         """Retain ``events``, the newest of their epoch (oldest first), and enforce every
         bound, as appending each in turn would, with the bounds of a topic applied once
-        per run of its events (a batch is mostly one topic). Encodes them first: one that
-        cannot be encoded fails before anything changes."""
-        for event in events:
-            event.size  # noqa: B018 - computed and kept for every event now
+        per run of its events (a batch is mostly one topic). Each run is measured (its
+        events encoded) before it changes anything: an event that cannot be encoded
+        fails there. (The memory broker has measured every event already.)"""
         run: list[Event] = []
         for event in events:
             if run and event.topic != run[0].topic:
@@ -114,6 +113,7 @@ class MemoryHistory:
             self._retain_run(run)
 
     def _retain_run(self, run: list[Event]) -> None:
+        size = sum([event.size for event in run])  # first: encodes them, or fails
         topic, logs, newest = run[0].topic, self._logs, run[-1]
         self.last_seq = newest.seq
         log = logs.get(topic)
@@ -124,7 +124,6 @@ class MemoryHistory:
             logs.move_to_end(topic)
         events = log.events
         events.extend(run)
-        size = sum([event.size for event in run])
         retention = self.retention
         while len(events) > retention.size:
             dropped = events.popleft()
