@@ -279,10 +279,8 @@ class WebSocketTransport(StreamTransport):
         if not final:
             return
         self._fragments, self._decoder, self._size = None, None, 0
-        if decoder is None:
+        if decoder is None or self.text_as_bytes:  # (text: valid UTF-8, checked above)
             self._deliver(bytes(fragments))
-        elif self.text_as_bytes:
-            self._deliver(bytes(fragments))  # valid UTF-8: checked above
         else:
             self._deliver(fragments.decode())
 
