@@ -9,6 +9,7 @@ import json
 import logging
 import os
 import struct
+import tracemalloc
 
 import pytest
 from tornado.httpclient import AsyncHTTPClient
@@ -119,6 +120,26 @@ async def test_a_message_in_many_fragments_empty_ones_too_arrives_whole(raw, nod
                         + (bytes([0x00, 0x80]) + mask) * 20_000
                         + bytes([0x80, 0x80 | (len(text) - split)]) + mask + text[split:])
     assert await client.read_message() == {"type": "pong", "ref": "é✓"}
+
+
+async def test_empty_fragments_of_an_unfinished_message_hold_no_memory(raw):
+    """The size limit counts bytes, so empty fragments must cost none: they once took
+    an entry each, without limit (42 MB for 5M of them)."""
+    client = await raw()
+    mask = b"\0\0\0\0"
+    client.writer.write(bytes([0x01, 0x80 | 1]) + mask + b"{")
+    await client.writer.drain()
+    tracemalloc.start()
+    try:
+        before = tracemalloc.get_traced_memory()[0]
+        client.writer.write((bytes([0x00, 0x80]) + mask) * 200_000
+                            + bytes([0x89, 0x80 | 4]) + mask + b"done")
+        opcode, payload = await client.read_frame()  # the pong: every fragment was read
+        grown = tracemalloc.get_traced_memory()[0] - before
+    finally:
+        tracemalloc.stop()
+    assert (opcode, payload) == (PONG, b"done")
+    assert grown < 400_000  # a list of 200,000 entries alone is 1.6 MB
 
 
 @pytest.mark.settings(max_frame_bytes=1024)
