@@ -140,7 +140,7 @@ def load_json(raw: bytes | str, digits_checked: bool = False) -> Any:
         if "infinity" in exc.msg:
             raise _not_finite() from None
         raise _malformed(exc) from None
-    if not plain and raw.count(b"[") + raw.count(b"{") > MAX_DEPTH:  # else not deeper
+    if not plain:  # (checking costs one encode: less than counting its brackets)
         _check_depth(value)
     return value
 
@@ -151,16 +151,31 @@ def _malformed(exc: json.JSONDecodeError) -> SquallError:
                        f"column {exc.colno}")
 
 
+def _depth_probe() -> tuple[list[Any], list[Any]]:
+    """Lists nested ``_ORJSON_DEPTH - MAX_DEPTH`` levels deep: the outermost and the
+    innermost, whose one item is the value being checked."""
+    innermost: list[Any] = [None]
+    outermost = innermost
+    for _ in range(_ORJSON_DEPTH - MAX_DEPTH - 1):
+        outermost = [outermost]
+    return outermost, innermost
+
+
+_PROBE, _PROBE_SLOT = _depth_probe()
+
+
 def _check_depth(value: Any) -> None:
     """``invalid_body`` if ``value`` nests deeper than ``MAX_DEPTH``, at C speed: orjson
-    refuses to encode past ``_ORJSON_DEPTH`` levels, so the value is tried inside as
-    many extra levels as leave exactly ``MAX_DEPTH`` for it."""
-    for _ in range(_ORJSON_DEPTH - MAX_DEPTH):
-        value = [value]
+    refuses to encode past ``_ORJSON_DEPTH`` levels, so the value is encoded inside
+    lists made once (``_PROBE``) that leave exactly ``MAX_DEPTH`` levels for it. (Only
+    the loop's thread parses, and orjson calls no Python code while it encodes.)"""
+    _PROBE_SLOT[0] = value
     try:
-        orjson.dumps(value)
+        orjson.dumps(_PROBE)
     except TypeError:
         raise _too_deep() from None
+    finally:
+        _PROBE_SLOT[0] = None
 
 
 def _load_json_exactly(raw: bytes | str) -> Any:
@@ -181,13 +196,6 @@ def _load_json_exactly(raw: bytes | str) -> Any:
                           f"(integers must fit 64 bits, strings be valid Unicode): "
                           f"{_first_line(exc)}") from None
     return value
-
-
-def _containers(raw: bytes | str) -> int:
-    """How many arrays and objects ``raw`` may open at most: a bound on its depth."""
-    if isinstance(raw, str):
-        return raw.count("[") + raw.count("{")
-    return raw.count(b"[") + raw.count(b"{")
 
 
 def _not_finite() -> SquallError:
