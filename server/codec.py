@@ -31,15 +31,17 @@ def _reject_constant(name: str) -> None:
 
 
 _json_decoder = json.JSONDecoder(parse_constant=_reject_constant)
-# A run of 19 digits may be an integer beyond 64 bits, which orjson would make a float:
-# found by turning every digit into 0 and looking for 19 of them in a row.
+# An integer beyond 64 bits, which orjson would make a float, has 20 digits or more, or
+# is negative with 19 (every positive one of 19 is below 2^64): found by turning every
+# digit into 0 and looking for such a run. (Nanosecond clocks and snowflake ids have 19.)
 _DIGITS_AS_ZERO = bytes.maketrans(b"0123456789", b"0" * 10)
-_LONG_RUN = b"0" * 19
+_LONG_RUN = b"0" * 20
+_LONG_NEGATIVE = b"-" + b"0" * 19
 _DIGITS_AND_OPENERS = b"0123456789[{"
 _SHORT = 1024  # bytes: longer texts are checked without counting them first
 # digits and brackets in all below which a text holds neither a long run nor too deep
 # a value (derived, so that a lower MAX_DEPTH keeps the shortcut right)
-_PLAIN_BELOW = min(len(_LONG_RUN), MAX_DEPTH + 1)
+_PLAIN_BELOW = min(len(_LONG_NEGATIVE) - 1, MAX_DEPTH + 1)
 _ORJSON_DEPTH = 254  # the deepest value orjson encodes
 _json_encoder = json.JSONEncoder(ensure_ascii=False, separators=(",", ":"), allow_nan=False)
 
@@ -106,8 +108,10 @@ def check_value(value: Any, max_depth: int = MAX_DEPTH) -> None:
 
 
 def may_hold_long_integers(raw: bytes) -> bool:
-    """Whether ``raw`` has a run of 19 digits (for checking many values' text at once)."""
-    return _LONG_RUN in raw.translate(_DIGITS_AS_ZERO)
+    """Whether ``raw`` has a run of 20 digits, or of 19 after a minus sign (for checking
+    many values' text at once)."""
+    digits = raw.translate(_DIGITS_AS_ZERO)
+    return _LONG_RUN in digits or _LONG_NEGATIVE in digits
 
 
 def load_json(raw: bytes | str, digits_checked: bool = False) -> Any:
@@ -116,10 +120,10 @@ def load_json(raw: bytes | str, digits_checked: bool = False) -> Any:
     The value must also be one every codec can carry (finite numbers, at most
     ``MAX_DEPTH`` levels, no lone surrogates, integers within 64 bits), so that no
     subscriber's encoding can fail later. orjson parses (it refuses non-finite numbers
-    and lone surrogates itself); a body with a run of 19 or more digits, where orjson
-    would turn a too-large integer into a float, goes through the standard parser,
-    which keeps it an integer for the 64-bit check to refuse. ``digits_checked``: the
-    caller found no such run in a text that holds this one (``may_hold_long_integers``).
+    and lone surrogates itself); a body whose digits may spell an integer beyond 64 bits
+    (``may_hold_long_integers``), which orjson would turn into a float, goes through the
+    standard parser, which keeps it an integer for the 64-bit check to refuse.
+    ``digits_checked``: the caller found no such run in a text that holds this one.
 
     Note orjson's own depth limit (1024 to parse, ``_ORJSON_DEPTH`` to encode) is
     above ``MAX_DEPTH``, so the depth is checked here.

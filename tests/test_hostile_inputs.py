@@ -165,3 +165,29 @@ async def test_short_json_frames_are_checked_at_the_limits(ws_connect):
         assert (await client.recv_type("error"))["code"] == "invalid_body", data
     await client.send({**frame, "data": 2 ** 64 - 1})  # the largest integer carried
     assert (await client.recv())["type"] == "published"
+
+
+# integers at the edges of 64 bits: 19 digits (nanosecond clocks, snowflake ids) and
+# the extremes are carried exactly; one past either end is refused
+CARRIED = [9_999_999_999_999_999_999, 2 ** 64 - 1, -(2 ** 63), -999_999_999_999_999_999,
+           1_796_171_475_864_480_713]
+REFUSED = [2 ** 64, -(2 ** 63) - 1, -9_999_999_999_999_999_999, 10 ** 30]
+
+
+@pytest.mark.gen_test
+@pytest.mark.parametrize("pad", [0, 2000])  # short texts skip checks a long one needs
+async def test_integers_at_the_edges_of_64_bits(http_client, base_url, pad):
+    topic = f"edges.t{pad}"
+    batch = {"events": [{"topic": topic, "data": {"n": n, "pad": "x" * pad}}
+                        for n in CARRIED]}
+    response = await fetch(http_client, base_url, "/v1/events", method="POST",
+                           body=json.dumps(batch).encode(),
+                           headers={"Content-Type": "application/json"})
+    assert response.code == 202, response.body
+    history = await fetch(http_client, base_url, f"/v1/topics/{topic}/events")
+    assert [event["data"]["n"] for event in json.loads(history.body)["events"]] == CARRIED
+    for n in REFUSED:
+        response = await fetch(http_client, base_url, f"/v1/topics/{topic}/events",
+                               method="POST", body=json.dumps({"n": n, "pad": "x" * pad}).encode(),
+                               headers={"Content-Type": "application/json"})
+        assert is_json_error(response, 400, "invalid_body"), n
