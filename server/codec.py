@@ -131,7 +131,7 @@ def load_json(raw: bytes | str, digits_checked: bool = False) -> Any:
     if isinstance(raw, str):
         raw = raw.encode("utf-8", "surrogatepass")  # orjson refuses what this lets through
     # Most messages are short with few digits and brackets: fewer than _PLAIN_BELOW of
-    # them in all can make neither a run of 19 digits nor more than MAX_DEPTH levels.
+    # them in all can make neither a long run of digits nor more than MAX_DEPTH levels.
     plain = len(raw) <= _SHORT and (
         len(raw) - len(raw.translate(None, _DIGITS_AND_OPENERS)) < _PLAIN_BELOW)
     if not plain and not digits_checked and may_hold_long_integers(raw):
