@@ -50,23 +50,35 @@ class BodyHandler(ApiHandler):
     def prepare(self) -> None:
         self._chunks: list[bytes] = []
         self._size = 0
+        self.refusal: SquallError | None = None
         if self.request.method == "OPTIONS":
             return
-        if self.request.method == "POST":
-            self.rights = publisher(self.node, self.request.headers.get("Authorization"),
-                                    self.request.remote_ip or "")
-        else:
-            self.rights = self.grant()
         limit = self.body_limit()
         length = self.request.headers.get("Content-Length", "")
         if _is_number(length) and _at_most(length, limit) is None:
-            raise _too_large(limit)
+            raise _too_large(limit)  # now: the body is not read, and the connection ends
         if self.request.connection is not None:
             self.request.connection.set_max_body_size(limit + _HEADROOM)  # type: ignore[attr-defined]
+        try:
+            if self.request.method == "POST":
+                self.rights = publisher(self.node, self.request.headers.get("Authorization"),
+                                        self.request.remote_ip or "")
+            else:
+                self.rights = self.grant()
+        except SquallError as exc:
+            # answered once the (bounded) body is read: an answer before the end of the
+            # request would make Tornado close the connection, and a keep-alive client
+            # would find its next request on a socket that is gone
+            self.refusal = exc
+
+    def check_refusal(self) -> None:
+        """Raise the credential's or the rate limit's refusal, if ``prepare`` met one."""
+        if self.refusal is not None:
+            raise self.refusal
 
     async def data_received(self, chunk: bytes) -> None:
         self._size += len(chunk)
-        if self._size <= self.body_limit():
+        if self._size <= self.body_limit() and self.refusal is None:
             await self.take(chunk)
 
     async def take(self, chunk: bytes) -> None:
@@ -91,6 +103,7 @@ class TopicEventsHandler(BodyHandler):
         return self.node.settings.max_event_bytes
 
     async def post(self, topic: str) -> None:
+        self.check_refusal()
         if self._size > self.body_limit():
             raise _too_large(self.body_limit())
         headers = self.request.headers
@@ -99,6 +112,7 @@ class TopicEventsHandler(BodyHandler):
             headers.get("Idempotency-Key"), b"".join(self._chunks)))
 
     async def get(self, topic: str) -> None:
+        self.check_refusal()
         try:
             name = validate_pattern(topic, self.node.settings.max_topic_length)
         except InvalidTopic as exc:
@@ -133,7 +147,7 @@ class BatchHandler(BodyHandler):
 
     def prepare(self) -> None:
         super().prepare()
-        if (self.request.method == "POST" and self._streaming()
+        if (self.request.method == "POST" and self._streaming() and self.refusal is None
                 and self.request.connection is not None):
             # Tornado must not cut the body itself: it would drop the lines it holds
             # back (it passes small chunks on 64 KiB at a time) and write a 400 into the
@@ -142,7 +156,7 @@ class BatchHandler(BodyHandler):
             self.request.connection.set_max_body_size(_UNCUT)  # type: ignore[attr-defined]
 
     async def data_received(self, chunk: bytes) -> None:
-        if not self._streaming():
+        if not self._streaming() or self.refusal is not None:
             await super().data_received(chunk)
             return
         stream = self._stream()
@@ -171,6 +185,7 @@ class BatchHandler(BodyHandler):
             await self.flush()  # as the lines come: a client may read while it sends
 
     async def post(self) -> None:
+        self.check_refusal()
         if self._streaming():
             await self._end_stream()
             return

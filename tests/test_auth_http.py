@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 
 import pytest
@@ -186,3 +187,57 @@ async def test_preflight_answers_methods_and_headers(http_client, base_url, path
 async def test_star_allows_every_origin(publish):
     response = await publish("a", 1, headers={"Origin": "https://anyone.example"})
     assert response.headers["Access-Control-Allow-Origin"] == "https://anyone.example"
+
+
+async def _answers_on_one_connection(port: int, requests: list[bytes]) -> list[int]:
+    """The status of each of ``requests``, sent one after another on one connection
+    (each answer read whole first); an answer that never comes fails the test."""
+    reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    statuses = []
+    try:
+        for request in requests:
+            writer.write(request)
+            head = await reader.readuntil(b"\r\n\r\n")
+            assert b"connection: close" not in head.lower()
+            length = next(int(line.split(b":")[1]) for line in head.split(b"\r\n")
+                          if line.lower().startswith(b"content-length:"))
+            await reader.readexactly(length)
+            statuses.append(int(head.split(b" ")[1]))
+    finally:
+        writer.close()
+    return statuses
+
+
+def _request(method: str, path: str, headers: str = "", body: bytes = b"") -> bytes:
+    return (f"{method} {path} HTTP/1.1\r\nHost: 127.0.0.1\r\n{headers}"
+            f"Content-Length: {len(body)}\r\n\r\n").encode() + body
+
+
+HEALTHZ = _request("GET", "/healthz")
+
+
+@AUTH_ON
+@pytest.mark.parametrize("refused", [
+    _request("GET", "/v1/topics/k.a/events", "Authorization: Bearer bad\r\n"),
+    _request("POST", "/v1/topics/k%2Ea/events", "Authorization: Bearer bad\r\n", b"1"),
+    _request("POST", "/v1/topics/k.a/events", "Origin: http://127.0.0.1\r\n"
+             "Authorization: Bearer bad\r\n", b"1"),
+    _request("POST", "/v1/events", "Content-Type: application/x-ndjson\r\n"
+             "Authorization: Bearer bad\r\n", b'{"topic": "k.a", "data": 1}\n'),
+    _request("POST", "/v1/events", "Origin: http://127.0.0.1\r\n",
+             b'{"events": [{"topic": "k.a", "data": 1}]}'),
+], ids=["history", "encoded topic", "origin", "ndjson", "anonymous batch"])
+async def test_a_refused_credential_keeps_the_connection(http_server, http_port, refused):
+    """A 401 once closed the connection without saying so (Tornado ends one whose
+    answer comes before its request is read), and a keep-alive client's next request
+    met a reset."""
+    assert await _answers_on_one_connection(http_port, [refused, refused, HEALTHZ]) == [
+        401, 401, 200]
+
+
+@pytest.mark.settings(publish_rate=0.001, publish_burst=1)
+async def test_a_rate_limited_publish_keeps_the_connection(http_server, http_port):
+    publish = _request("POST", "/v1/topics/k%2Ea/events", "Content-Type: application/json\r\n",
+                       b"1")
+    assert await _answers_on_one_connection(http_port, [publish, publish, HEALTHZ]) == [
+        202, 429, 200]
