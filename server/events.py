@@ -30,7 +30,8 @@ class EventId(NamedTuple):
         if not isinstance(text, str) or len(text) > 64:
             return None
         epoch, _, seq = text.rpartition("-")
-        if not epoch or not seq.isdigit() or not seq.isascii() or int(seq) > MAX_SEQ:
+        if (not epoch or not seq.isdigit() or not seq.isascii() or int(seq) > MAX_SEQ
+                or (seq[0] == "0" and len(seq) > 1)):  # (never issued: "-01" is not "-1")
             return None
         return cls(epoch, int(seq))
 

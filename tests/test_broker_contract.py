@@ -190,6 +190,18 @@ async def test_history_malformed_or_unknown_ids_are_not_recovered(make_broker, s
     assert found(await broker.history("bad.*", since)) == ([], False)
 
 
+async def test_history_since_an_id_spelled_with_a_leading_zero_is_not_recovered(make_broker):
+    """No broker gives out ``<epoch>-01``: it is not ``<epoch>-1`` (a client that made it
+    up must not be told it resumed)."""
+    broker, _ = await make_broker()
+    first, _ = await publish_each(broker, "zero.t", [1, 2])
+    epoch, number = first.id.rpartition("-")[0], seq(first.id)
+    for since in (f"{epoch}-0{number}", f"{epoch}-00"):
+        assert found(await broker.history("zero.t", since)) == ([], False), since
+    replay = await broker.history("zero.t", f"{epoch}-{number}")
+    assert replay.recovered and [event.data for event in replay.events] == [2]
+
+
 async def test_history_of_an_id_from_the_future_is_not_recovered(make_broker):
     broker, _ = await make_broker()
     [outcome] = await publish_each(broker, "future", [1])
