@@ -274,7 +274,30 @@ def media_codec(content_type: str | None) -> Codec | None:
 
 
 def accept_codec(accept: str | None) -> Codec:
-    """The codec for a response: msgpack only when the client asked for it."""
-    if accept and any(media in accept.lower() for media in MSGPACK_TYPES):
-        return MSGPACK
-    return JSON
+    """The codec for a response: msgpack only when the client asked for it, by name,
+    and prefers it to JSON (a higher ``q`` than ``application/json``'s, if that is
+    named too: on a tie JSON, the default, wins); JSON otherwise, for wildcards too."""
+    if not accept or "msgpack" not in accept.lower():
+        return JSON
+    msgpack_q, json_q = 0.0, 0.0
+    for media_range in accept.lower().split(","):
+        media, *parameters = media_range.split(";")
+        media, q = media.strip(), 1.0
+        for parameter in parameters:
+            name, _, value = parameter.partition("=")
+            if name.strip() == "q":
+                q = _quality(value)
+        if media in MSGPACK_TYPES:
+            msgpack_q = max(msgpack_q, q)
+        elif media == "application/json":
+            json_q = max(json_q, q)
+    return MSGPACK if msgpack_q > json_q else JSON
+
+
+def _quality(text: str) -> float:
+    """An ``Accept`` range's ``q`` (0 to 1); one that is not a number counts as 0."""
+    try:
+        q = float(text.strip())
+    except ValueError:
+        return 0.0
+    return q if 0.0 <= q <= 1.0 else 0.0

@@ -141,6 +141,22 @@ async def test_errors_are_clear_json(http_client, base_url, method, path, body, 
     assert "Traceback" not in response.body.decode()
 
 
+@pytest.mark.parametrize(("accept", "media"), [
+    ("application/msgpack", "application/msgpack"),
+    ("application/x-msgpack;q=0.9, */*;q=0.1", "application/msgpack"),
+    ("application/json;q=0.5, application/msgpack", "application/msgpack"),
+    ("application/msgpack;q=0.5, application/json", "application/json"),
+    ("application/json, application/msgpack", "application/json"),  # a tie: the default
+    ("application/msgpack;q=0", "application/json"),
+    ("application/msgpack;q=x", "application/json"),
+    ("*/*", "application/json"),
+])
+async def test_the_answer_follows_the_accept_preference(http_client, base_url, accept, media):
+    response = await fetch(http_client, base_url, "/v1/topics/accept.t/events",
+                           headers={"Accept": accept})
+    assert response.code == 200 and response.headers["Content-Type"] == media
+
+
 async def test_errors_follow_accept_msgpack(http_client, base_url):
     response = await fetch(http_client, base_url, "/v1/topics/a..b/events", method="POST",
                            body=b"1", headers={"Accept": "application/msgpack"})
