@@ -12,6 +12,7 @@ import pytest
 from httpx_sse import aconnect_sse
 
 from server.errors import BrokerUnavailable
+from tests.auth_support import SECRET, token
 from tests.transport_clients import HttpRefused, SseClient
 
 pytestmark = pytest.mark.gen_test(timeout=30)
@@ -101,6 +102,21 @@ async def test_bad_requests_are_answered_before_the_stream(sse):
         with pytest.raises(HttpRefused) as refused:
             await sse(*topics)
         assert (refused.value.status, refused.value.code) == (status, code)
+
+
+@pytest.mark.settings(jwt_secret=SECRET, public_topics=("news.>",))
+async def test_a_topic_that_needs_a_credential_is_401_without_one_and_403_with_one(sse):
+    """As on every HTTP path: no credential is told to authenticate, a token whose
+    grant does not cover the topic is refused."""
+    with pytest.raises(HttpRefused) as refused:
+        await sse("news.eu", "chat.room3")
+    assert (refused.value.status, refused.value.code) == (401, "unauthorized")
+    assert refused.value.headers["www-authenticate"].startswith("Bearer")
+    with pytest.raises(HttpRefused) as refused:
+        await sse("chat.room3", token=token(subscribe=["orders.>"]))
+    assert (refused.value.status, refused.value.code) == (403, "forbidden")
+    client = await sse("news.eu")
+    await client.recv_type("subscribed")
 
 
 @pytest.mark.settings(allowed_origins=("https://app.example",))

@@ -24,10 +24,11 @@ KINDS = ("ws", "sse", "tcp")
 
 
 class HttpRefused(Exception):
-    def __init__(self, status: int, body: Any) -> None:
+    def __init__(self, status: int, body: Any, headers: dict[str, str] | None = None) -> None:
         super().__init__(f"{status} {body}")
         self.status = status
         self.body = body
+        self.headers = headers or {}  # (names in lower case)
 
     @property
     def code(self) -> str:
@@ -149,7 +150,7 @@ class SseClient(TransportClient):
             body = await asyncio.wait_for(reader.readexactly(int(found["content-length"])),
                                           TIMEOUT)
             writer.close()
-            raise HttpRefused(status, json.loads(body))
+            raise HttpRefused(status, json.loads(body), found)
         return cls(reader, writer, found)
 
     async def event(self, timeout: float = TIMEOUT) -> tuple[str | None, str | None, str]:

@@ -24,6 +24,7 @@ from dataclasses import replace
 
 from handlers.base import ApiHandler
 from server.admission import Admitted, Request, admit
+from server.auth import authorize
 from server.errors import SquallError
 from server.session import Session
 from server.topics import InvalidTopic, validate_pattern
@@ -88,13 +89,14 @@ class EventStreamHandler(ApiHandler):
             raise SquallError("invalid_topic", str(exc)) from None
 
     async def _authorize(self, admitted: Admitted, topics: list[str]) -> None:
-        """403 unless every topic may be followed; what the authorization webhook
-        approved joins the grant, so the session does not ask again."""
+        """403 unless every topic may be followed (401 for a client without a
+        credential, as over all of HTTP); what the authorization webhook approved joins
+        the grant, so the session does not ask again."""
         rights, hook = admitted.rights, self.node.auth_hook
         approved = []
         for topic in topics:
             if hook is None:
-                rights.check_subscribe(topic)
+                authorize(rights, rights.check_subscribe, topic)
             elif not rights.may_subscribe(topic):
                 await hook.subscribe(admitted.info, rights, topic)
                 approved.append(topic)
