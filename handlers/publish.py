@@ -21,7 +21,7 @@ from tornado.web import stream_request_body
 from handlers.base import ApiHandler
 from handlers.stream import MEDIA_TYPES as STREAM_TYPES
 from handlers.stream import NdjsonPublisher, entry_request
-from server.auth import EVERYTHING, Grant, authorize
+from server.auth import EVERYTHING, Grant, Unauthorized, authorize
 from server.broker.base import Published, PublishRequest
 from server.codec import Codec, dump_json, media_codec
 from server.commands import MAX_KEY_LENGTH
@@ -205,8 +205,12 @@ class BatchHandler(BodyHandler):
 
 def publisher(node: Node, authorization: str | None, ip: str) -> Grant:
     """The grant of a publish request, counted against its publish rate; raises
-    ``unauthorized`` or ``rate_limited``."""
+    ``unauthorized`` or ``rate_limited``. A request without a credential, where one is
+    needed to publish anywhere, is told so before it is counted: a client that forgot
+    its key learns that, not to slow down."""
     rights: Grant = node.auth.http_grant(authorization)
+    if rights.anonymous and not rights.publish:
+        raise Unauthorized("an anonymous client may not publish: send an API key or a token")
     node.limits.check_publish(rights.limit_key or f"ip:{ip}")
     return rights
 

@@ -241,3 +241,14 @@ async def test_a_rate_limited_publish_keeps_the_connection(http_server, http_por
                        b"1")
     assert await _answers_on_one_connection(http_port, [publish, publish, HEALTHZ]) == [
         202, 429, 200]
+
+
+@pytest.mark.settings(api_keys=(API_KEY,), jwt_secret=SECRET, publish_rate=0.001,
+                      publish_burst=1)
+async def test_a_publish_without_a_credential_is_401_however_often_it_comes(publish):
+    """Once the address's publish rate counted it: the second was 429, telling a client
+    that forgot its key to slow down."""
+    for _ in range(3):
+        response = await publish("news.eu", 1)
+        assert response.code == 401 and error_code(response) == "unauthorized"
+    assert (await publish("news.eu", 1, headers=bearer(API_KEY))).code == 202
