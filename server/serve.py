@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import errno
 import gc
 import logging
 import os
@@ -41,6 +42,18 @@ EARLY_EXIT = 5.0  # seconds: a worker that dies sooner is failing to start, not 
 RESTART_DELAY = 1.0
 
 
+def _cannot_listen(host: str, port: int, port_setting: str, exc: Exception) -> int:
+    """Say in one line why the server cannot listen; the exit status: 2 when the host is
+    a bad value (no address, or none of this machine's), as for any bad setting."""
+    why = exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc)
+    if isinstance(exc, UnicodeError | socket.gaierror) or (
+            isinstance(exc, OSError) and exc.errno == errno.EADDRNOTAVAIL):
+        log.error("setting host: cannot listen on %r: %s (--host or SQUALL_HOST)", host, why)
+        return 2
+    log.error("cannot listen on %s:%s: %s (another port: %s)", host, port, why, port_setting)
+    return 1
+
+
 def serve(settings: Settings) -> int:
     """Serve until a signal; the process's exit status."""
     setup_logging(settings.log_level, settings.log_format)
@@ -53,15 +66,13 @@ def serve(settings: Settings) -> int:
         sockets = bind_sockets(settings.port, settings.host, family=socket.AF_INET
                                if ":" not in settings.host else socket.AF_UNSPEC,
                                backlog=LISTEN_BACKLOG)
-    except OSError as exc:
-        log.error("cannot listen on %s:%s: %s (another port: --port or SQUALL_PORT)",
-                  settings.host, settings.port, exc.strerror)
-        return 1
+    except (OSError, UnicodeError) as exc:
+        return _cannot_listen(settings.host, settings.port, "--port or SQUALL_PORT", exc)
     try:
         tcp_sockets = bind_tcp(settings)
-    except OSError as exc:
-        log.error("cannot listen on %s:%s: %s", settings.host, settings.tcp_port, exc.strerror)
-        return 1
+    except (OSError, UnicodeError) as exc:
+        return _cannot_listen(settings.host, settings.tcp_port, "--tcp-port or "
+                              "SQUALL_TCP_PORT", exc)
     if settings.workers > 1:
         status = _run_workers(settings.workers)
         if status is not None:  # the parent, once every worker has exited

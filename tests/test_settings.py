@@ -282,6 +282,14 @@ def test_a_bad_start_is_one_line_and_status_2(args, env, line):
     assert result.stdout == ""
 
 
+@pytest.mark.parametrize("host", ["zz..invalid", "192.0.2.1"])  # no name; not this machine's
+def test_a_host_the_server_cannot_listen_on_stops_the_start_with_one_line(host):
+    result = run_py("--host", host, "--port", "0", "--log-format", "text")
+    assert result.returncode == 2
+    [line] = result.stderr.splitlines()
+    assert f"setting host: cannot listen on {host!r}" in line and "--host" in line
+
+
 def test_a_bad_hooks_module_stops_the_start_with_one_line(tmp_path):
     config = tmp_path / "squall.toml"
     config.write_text('hooks = ["no_such_module_here"]\n')
