@@ -132,10 +132,22 @@ def _check_auth(check: _Checker) -> None:
         if origin != "*" and not _ORIGIN.fullmatch(origin):
             raise check.fail("allowed_origins", f"must hold * or origins such as "
                              f"https://app.example.com (no path), not {origin[:100]!r}")
+    if settings.auth_webhook_url and not _is_http_url(settings.auth_webhook_url):
+        raise check.fail("auth_webhook_url", "must be an absolute http:// or https:// URL, "
+                         "such as https://backend.example/squall/authorize")
     if settings.jwt_public_key:
         problem = _public_key_problem(settings.jwt_public_key)
         if problem:
             raise check.fail("jwt_public_key", problem)
+
+
+def _is_http_url(url: str) -> bool:
+    try:
+        parts = urlsplit(url)
+        return parts.scheme in ("http", "https") and bool(parts.hostname) and (
+            parts.port is None or parts.port > 0)
+    except ValueError:  # (a bad port, or an unclosed IPv6 bracket)
+        return False
 
 
 def _public_key_problem(path: str) -> str | None:

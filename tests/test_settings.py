@@ -270,6 +270,9 @@ def test_version():
      "SQUALL_BROKER): must be memory://, or a Redis URL: redis://HOST:6379/0, "
      "rediss://HOST:6379/0 (TLS) or unix:///PATH/redis.sock, or "
      "redis+cluster://HOST:7000,HOST:7001 for Redis Cluster"),
+    (("--auth-webhook-url", "notaurl"), {}, "squall: setting auth_webhook_url = 'notaurl' "
+     "(from --auth-webhook-url): must be an absolute http:// or https:// URL, such as "
+     "https://backend.example/squall/authorize"),
     (("token",), {}, "squall: the following arguments are required: --sub; run.py token "
      "--help lists every flag"),
     (("token", "--sub", "a", "--sbuscribe", "x"), {}, "squall: unknown flag --sbuscribe "
