@@ -30,7 +30,17 @@ def _reject_constant(name: str) -> None:
     raise ValueError(f"{name} is not valid JSON")
 
 
-_json_decoder = json.JSONDecoder(parse_constant=_reject_constant)
+def _parse_int(digits: str) -> int:
+    """An integer of a JSON text, refused past 20 digits (before ``int()``, which
+    refuses text of over 4,300 digits with a message about Python, not the contract)."""
+    if len(digits) > 21 or (len(digits) == 21 and digits[0] != "-"):
+        raise SquallError("invalid_body", f"the value cannot be carried by every codec "
+                          f"(integers must fit 64 bits): a number has "
+                          f"{len(digits.lstrip('-'))} digits")
+    return int(digits)
+
+
+_json_decoder = json.JSONDecoder(parse_constant=_reject_constant, parse_int=_parse_int)
 # An integer beyond 64 bits, which orjson would make a float, has 20 digits or more, or
 # is negative with 19 (every positive one of 19 is below 2^64): found by turning every
 # digit into 0 and looking for such a run. (Nanosecond clocks and snowflake ids have 19.)

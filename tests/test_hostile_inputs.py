@@ -191,3 +191,12 @@ async def test_integers_at_the_edges_of_64_bits(http_client, base_url, pad):
                                method="POST", body=json.dumps({"n": n, "pad": "x" * pad}).encode(),
                                headers={"Content-Type": "application/json"})
         assert is_json_error(response, 400, "invalid_body"), n
+
+
+@pytest.mark.gen_test
+@pytest.mark.parametrize("digits", [25, 5000, 65_000])
+async def test_an_integer_of_many_digits_is_refused_in_the_contracts_words(publish, digits):
+    response = await publish("digits.t", body=b"[" + b"7" * digits + b"]")
+    assert is_json_error(response, 400, "invalid_body")
+    message = json.loads(response.body)["error"]["message"]
+    assert "64 bits" in message and "sys." not in message, message
