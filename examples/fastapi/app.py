@@ -7,7 +7,10 @@
 same idempotency key, so a retried call never publishes twice); ``GET /orders/paid``
 answers the ids this service saw paid, kept up to date by a ``Subscriber`` that
 resumes across reconnects and starts over when it is told of a ``Gap``.
-``SQUALL_URL`` (default ``http://127.0.0.1:8888``) and ``SQUALL_API_KEY`` say where.
+``APP_SQUALL_URL`` (default ``http://127.0.0.1:8888``) says where Squall is. With auth
+on, ``APP_SQUALL_API_KEY`` is the API key it publishes with and ``APP_SQUALL_TOKEN`` a
+token that may subscribe to ``orders.paid`` (``run.py token --sub shop --subscribe
+orders.paid``). (Not ``SQUALL_*``: those are the server's settings.)
 """
 
 from __future__ import annotations
@@ -22,8 +25,8 @@ from fastapi import FastAPI
 
 from squall_client import AsyncPublisher, Event, Gap, Published, Subscriber
 
-SQUALL_URL = os.environ.get("SQUALL_URL", "http://127.0.0.1:8888")
-API_KEY = os.environ.get("SQUALL_API_KEY")
+SQUALL_URL = os.environ.get("APP_SQUALL_URL", "http://127.0.0.1:8888")
+API_KEY = os.environ.get("APP_SQUALL_API_KEY")
 
 paid: deque[int] = deque(maxlen=100)  # the latest paid orders this service saw
 
@@ -40,7 +43,7 @@ async def follow(subscriber: Subscriber) -> None:
 @contextlib.asynccontextmanager
 async def lifespan(app: FastAPI) -> AsyncIterator[None]:
     async with AsyncPublisher(SQUALL_URL, api_key=API_KEY) as publisher, \
-            Subscriber(SQUALL_URL, token=os.environ.get("SQUALL_TOKEN")) as subscriber:
+            Subscriber(SQUALL_URL, token=os.environ.get("APP_SQUALL_TOKEN")) as subscriber:
         app.state.publisher = publisher
         await subscriber.subscribe("orders.paid")
         following = asyncio.create_task(follow(subscriber))

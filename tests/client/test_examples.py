@@ -18,7 +18,7 @@ from tests.waiting import eventually
 def fastapi_example(monkeypatch: pytest.MonkeyPatch) -> Iterator[tuple[ModuleType, str]]:
     pytest.importorskip("fastapi")
     with ServerProcess() as server:
-        monkeypatch.setenv("SQUALL_URL", server.url)
+        monkeypatch.setenv("APP_SQUALL_URL", server.url)
         spec = importlib.util.spec_from_file_location("fastapi_example",
                                                       ROOT / "examples" / "fastapi" / "app.py")
         assert spec is not None and spec.loader is not None

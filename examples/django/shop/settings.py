@@ -1,6 +1,6 @@
 """Settings of the example shop: Django, sqlite, and Squall (``SQUALL``).
 
-The defaults match the Squall started as the README says (on port 8889, with
+The defaults match the Squall started as the README says (on port 8890, with
 ``--api-keys dev-api-key --jwt-secret ...``); never use them in production.
 """
 
@@ -62,7 +62,7 @@ LOGIN_REDIRECT_URL = "orders"
 USE_TZ = True
 
 SQUALL = {
-    "URL": os.environ.get("SHOP_SQUALL_URL", "http://127.0.0.1:8889"),
+    "URL": os.environ.get("SHOP_SQUALL_URL", "http://127.0.0.1:8890"),
     "API_KEY": os.environ.get("SHOP_SQUALL_API_KEY", "dev-api-key"),
     "JWT_SECRET": os.environ.get("SHOP_SQUALL_JWT_SECRET",
                                  "dev-jwt-secret-change-me-0123456789"),
