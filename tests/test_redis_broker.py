@@ -398,3 +398,15 @@ async def test_a_write_to_a_connection_closed_under_it_is_a_lost_connection():
             raise RuntimeError("another bug")
     finally:
         server.close()
+
+
+def test_the_private_names_of_redis_py_the_brokers_use_are_there():
+    """Dropping idle connections without racing a command (redis_keys.disconnect_idle)
+    reads redis-py's free lists: an upgrade that renames them must fail here."""
+    from redis.asyncio import BlockingConnectionPool
+    from redis.asyncio.cluster import ClusterNode
+
+    pool = BlockingConnectionPool.from_url("redis://127.0.0.1:1/0")
+    assert isinstance(pool._available_connections, list)
+    node = ClusterNode("127.0.0.1", 1)
+    assert len(node._free) == 0 and hasattr(node._free, "popleft")

@@ -95,6 +95,7 @@ from server.broker.redis_keys import (
     closed_as_lost,
     decode_entry,
     describe,
+    disconnect_idle,
     encode_data,
     encode_head,
     glob,
@@ -328,8 +329,7 @@ class RedisBroker(Broker):
         self._chore(self._drop_idle(shard))
 
     async def _drop_idle(self, shard: str) -> None:
-        with contextlib.suppress(*FAILURES):
-            await self._pool.disconnect(inuse_connections=False)
+        await disconnect_idle(self._pool._available_connections)  # (redis-py's free list)
 
     @property
     def reconnects(self) -> int:

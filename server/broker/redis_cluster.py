@@ -48,7 +48,6 @@ with these differences:
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import functools
 import logging
 import time
@@ -72,7 +71,15 @@ from redis.exceptions import (
 from server.broker.base import BrokerOptions, EventHandler
 from server.broker.memory import new_epoch
 from server.broker.redis import MAX_CONNECTIONS, RedisBroker
-from server.broker.redis_keys import FAILURES, PREFIX, Space, as_text, describe, run
+from server.broker.redis_keys import (
+    FAILURES,
+    PREFIX,
+    Space,
+    as_text,
+    describe,
+    disconnect_idle,
+    run,
+)
 from server.broker.redis_listener import Shards, Target
 from server.broker.redis_lua import POSITION, PUBLISH
 from server.broker.redis_presence import CLUSTER_WIRE
@@ -312,8 +319,7 @@ class RedisClusterBroker(RedisBroker):
     async def _drop_idle(self, shard: str) -> None:
         node = self._cluster.get_node(node_name=shard)
         if node is not None:
-            with contextlib.suppress(*FAILURES):
-                await node.disconnect_free_connections()
+            await disconnect_idle(node._free)  # (redis-py's free list)
 
     # -- publishing --------------------------------------------------------------------
 

@@ -15,7 +15,7 @@ topic's stream and on its channels, so every node decodes each event once.
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Iterator
+from collections.abc import Collection, Iterator
 from typing import Any, NamedTuple
 
 import msgpack
@@ -194,3 +194,15 @@ def closed_as_lost() -> Iterator[None]:
         if "handler is closed" not in str(exc):
             raise
         raise RedisConnectionError(f"the redis connection closed under a write ({exc})") from exc
+
+
+async def disconnect_idle(idle: Collection[Any]) -> None:
+    """Disconnect the connections of ``idle`` (a pool's list of free ones, which commands
+    take from), one after another, each only if it is still there: it reconnects when a
+    command takes it next. redis-py's own ways (``disconnect(inuse_connections=False)``,
+    ``disconnect_free_connections()``) close them in tasks that start a loop step later,
+    by when a command may have taken one: it closed under the command, a needless 503."""
+    for connection in list(idle):
+        if connection in idle:
+            with contextlib.suppress(*FAILURES):
+                await connection.disconnect(nowait=True)
