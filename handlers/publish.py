@@ -5,9 +5,12 @@ Limits (settings): ``max_event_bytes`` for one event's data (413 above),
 ``publish_burst`` per API key, token subject or address (429 above). Bodies are JSON
 or msgpack by Content-Type (415 otherwise); the reply follows the Accept header.
 
-Auth (server/auth.py) comes before the body is read: a bad credential is a 401, a
-topic the credential may not publish to (or read the history of) a 403, and a batch
-is refused whole when any of its topics is.
+Auth (server/auth.py) is decided before the body is read: a bad credential is a 401
+(and a publish over its rate a 429), a topic the credential may not publish to (or
+read the history of) a 403, and a batch is refused whole when any of its topics is.
+A refused request of a known length up to ``REFUSED_READ`` is answered after its body
+is read (and dropped), so that its connection stays open; a longer one, or one of no
+told length, is answered at once, and the connection ends with the answer.
 """
 
 from __future__ import annotations
@@ -30,6 +33,7 @@ from server.node import Node
 from server.topics import InvalidTopic, validate_pattern, validate_topic
 
 _HEADROOM = 64 * 1024  # bytes read past a limit before the connection is cut
+REFUSED_READ = 64 * 1024  # a refused body read (and dropped) to keep its connection
 _UNCUT = 2**62  # a body size Tornado never reaches
 _DRAIN = 1024 * 1024  # bytes of a stream past its limit read (and dropped) before a cut
 BATCH_EXPECTED = '{"events": [{"topic": "orders.eu", "data": {"text": "hi"}}]} as JSON (or msgpack)'
@@ -53,12 +57,7 @@ class BodyHandler(ApiHandler):
         self.refusal: SquallError | None = None
         if self.request.method == "OPTIONS":
             return
-        limit = self.body_limit()
         length = self.request.headers.get("Content-Length", "")
-        if _is_number(length) and _at_most(length, limit) is None:
-            raise _too_large(limit)  # now: the body is not read, and the connection ends
-        if self.request.connection is not None:
-            self.request.connection.set_max_body_size(limit + _HEADROOM)  # type: ignore[attr-defined]
         try:
             if self.request.method == "POST":
                 self.rights = publisher(self.node, self.request.headers.get("Authorization"),
@@ -66,10 +65,18 @@ class BodyHandler(ApiHandler):
             else:
                 self.rights = self.grant()
         except SquallError as exc:
-            # answered once the (bounded) body is read: an answer before the end of the
+            if not _is_number(length) or _at_most(length, REFUSED_READ) is None:
+                raise  # now (Tornado ends the connection with it): not worth reading
+            # answered once the short body is read: an answer before the end of the
             # request would make Tornado close the connection, and a keep-alive client
             # would find its next request on a socket that is gone
             self.refusal = exc
+            return
+        limit = self.body_limit()
+        if _is_number(length) and _at_most(length, limit) is None:
+            raise _too_large(limit)  # now: the body is not read, and the connection ends
+        if self.request.connection is not None:
+            self.request.connection.set_max_body_size(limit + _HEADROOM)  # type: ignore[attr-defined]
 
     def check_refusal(self) -> None:
         """Raise the credential's or the rate limit's refusal, if ``prepare`` met one."""

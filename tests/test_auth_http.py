@@ -252,3 +252,18 @@ async def test_a_publish_without_a_credential_is_401_however_often_it_comes(publ
         response = await publish("news.eu", 1)
         assert response.code == 401 and error_code(response) == "unauthorized"
     assert (await publish("news.eu", 1, headers=bearer(API_KEY))).code == 202
+
+
+@AUTH_ON
+@pytest.mark.parametrize("length", ["Content-Length: 10000000\r\n",
+                                    "Transfer-Encoding: chunked\r\n"])
+async def test_a_refused_request_with_a_long_body_is_answered_before_it(http_server, http_port,
+                                                                        length):
+    """Reading a refused body to keep the connection is for short ones: a long one (up
+    to the 64 MiB of a stream) is not read at all."""
+    reader, writer = await asyncio.open_connection("127.0.0.1", http_port)
+    writer.write(f"POST /v1/events HTTP/1.1\r\nHost: 127.0.0.1\r\nAuthorization: Bearer bad"
+                 f"\r\nContent-Type: application/x-ndjson\r\n{length}\r\n".encode())
+    head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 5)  # no body sent
+    writer.close()
+    assert head.startswith(b"HTTP/1.1 401 ")
