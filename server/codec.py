@@ -284,12 +284,13 @@ def media_codec(content_type: str | None) -> Codec | None:
 
 
 def accept_codec(accept: str | None) -> Codec:
-    """The codec for a response: msgpack only when the client asked for it, by name,
-    and prefers it to JSON (a higher ``q`` than ``application/json``'s, if that is
-    named too: on a tie JSON, the default, wins); JSON otherwise, for wildcards too."""
+    """The codec for a response: msgpack only when the client asked for it by name and
+    prefers it to JSON: a higher ``q`` than ``application/json``'s when that is named
+    too (a tie: JSON, the default), else at least the ``q`` a wildcard (``*/*``,
+    ``application/*``) gives JSON. JSON otherwise."""
     if not accept or "msgpack" not in accept.lower():
         return JSON
-    msgpack_q, json_q = 0.0, 0.0
+    msgpack_q, json_q, wildcard_q = 0.0, -1.0, 0.0
     for media_range in accept.lower().split(","):
         media, *parameters = media_range.split(";")
         media, q = media.strip(), 1.0
@@ -301,7 +302,11 @@ def accept_codec(accept: str | None) -> Codec:
             msgpack_q = max(msgpack_q, q)
         elif media == "application/json":
             json_q = max(json_q, q)
-    return MSGPACK if msgpack_q > json_q else JSON
+        elif media in ("*/*", "application/*"):
+            wildcard_q = max(wildcard_q, q)
+    if json_q >= 0:  # named
+        return MSGPACK if msgpack_q > json_q else JSON
+    return MSGPACK if msgpack_q > 0 and msgpack_q >= wildcard_q else JSON
 
 
 def _quality(text: str) -> float:

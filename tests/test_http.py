@@ -150,6 +150,9 @@ async def test_errors_are_clear_json(http_client, base_url, method, path, body, 
     ("application/msgpack;q=0", "application/json"),
     ("application/msgpack;q=x", "application/json"),
     ("*/*", "application/json"),
+    ("application/msgpack, */*", "application/msgpack"),  # named beats a wildcard's tie
+    ("application/msgpack;q=0.5, */*", "application/json"),
+    ("application/msgpack;q=0.5, application/*;q=0.4", "application/msgpack"),
 ])
 async def test_the_answer_follows_the_accept_preference(http_client, base_url, accept, media):
     response = await fetch(http_client, base_url, "/v1/topics/accept.t/events",
