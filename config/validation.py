@@ -142,6 +142,8 @@ def _check_auth(check: _Checker) -> None:
 
 
 def _is_http_url(url: str) -> bool:
+    if not url.isprintable() or " " in url:  # (urlsplit drops some of these silently)
+        return False
     try:
         parts = urlsplit(url)
         return parts.scheme in ("http", "https") and bool(parts.hostname) and (

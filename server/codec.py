@@ -34,9 +34,7 @@ def _parse_int(digits: str) -> int:
     """An integer of a JSON text, refused past 20 digits (before ``int()``, which
     refuses text of over 4,300 digits with a message about Python, not the contract)."""
     if len(digits) > 21 or (len(digits) == 21 and digits[0] != "-"):
-        raise SquallError("invalid_body", f"the value cannot be carried by every codec "
-                          f"(integers must fit 64 bits): a number has "
-                          f"{len(digits.lstrip('-'))} digits")
+        raise _not_carried(f"a number has {len(digits.lstrip('-'))} digits")
     return int(digits)
 
 
@@ -206,10 +204,13 @@ def _load_json_exactly(raw: bytes | str) -> Any:
     try:
         dump_msgpack(value)
     except (ValueError, OverflowError, TypeError, RecursionError) as exc:
-        raise SquallError("invalid_body", "the value cannot be carried by every codec "
-                          f"(integers must fit 64 bits, strings be valid Unicode): "
-                          f"{_first_line(exc)}") from None
+        raise _not_carried(_first_line(exc)) from None
     return value
+
+
+def _not_carried(why: str) -> SquallError:
+    return SquallError("invalid_body", "the value cannot be carried by every codec "
+                       f"(integers must fit 64 bits, strings be valid Unicode): {why}")
 
 
 def _not_finite() -> SquallError:

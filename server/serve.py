@@ -42,12 +42,17 @@ EARLY_EXIT = 5.0  # seconds: a worker that dies sooner is failing to start, not 
 RESTART_DELAY = 1.0
 
 
+# the host names nothing, or nothing of this machine's (a DNS that does not answer now
+# is not a bad value: the status is then 1, for a supervisor to try again)
+_BAD_HOST = {socket.EAI_NONAME, socket.EAI_FAMILY, errno.EADDRNOTAVAIL} | (
+    {socket.EAI_NODATA} if hasattr(socket, "EAI_NODATA") else set())
+
+
 def _cannot_listen(host: str, port: int, port_setting: str, exc: Exception) -> int:
     """Say in one line why the server cannot listen; the exit status: 2 when the host is
     a bad value (no address, or none of this machine's), as for any bad setting."""
     why = exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc)
-    if isinstance(exc, UnicodeError | socket.gaierror) or (
-            isinstance(exc, OSError) and exc.errno == errno.EADDRNOTAVAIL):
+    if isinstance(exc, UnicodeError) or (isinstance(exc, OSError) and exc.errno in _BAD_HOST):
         log.error("setting host: cannot listen on %r: %s (--host or SQUALL_HOST)", host, why)
         return 2
     log.error("cannot listen on %s:%s: %s (another port: %s)", host, port, why, port_setting)

@@ -329,7 +329,7 @@ class RedisBroker(Broker):
         self._chore(self._drop_idle(shard))
 
     async def _drop_idle(self, shard: str) -> None:
-        await disconnect_idle(self._pool._available_connections)  # (redis-py's free list)
+        await disconnect_idle(self._pool)
 
     @property
     def reconnects(self) -> int:

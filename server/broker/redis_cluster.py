@@ -319,7 +319,7 @@ class RedisClusterBroker(RedisBroker):
     async def _drop_idle(self, shard: str) -> None:
         node = self._cluster.get_node(node_name=shard)
         if node is not None:
-            await disconnect_idle(node._free)  # (redis-py's free list)
+            await disconnect_idle(node)
 
     # -- publishing --------------------------------------------------------------------
 

@@ -19,6 +19,8 @@ from collections.abc import Collection, Iterator
 from typing import Any, NamedTuple
 
 import msgpack
+from redis.asyncio import ConnectionPool
+from redis.asyncio.cluster import ClusterNode
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import RedisClusterException, RedisError
 
@@ -196,12 +198,15 @@ def closed_as_lost() -> Iterator[None]:
         raise RedisConnectionError(f"the redis connection closed under a write ({exc})") from exc
 
 
-async def disconnect_idle(idle: Collection[Any]) -> None:
-    """Disconnect the connections of ``idle`` (a pool's list of free ones, which commands
-    take from), one after another, each only if it is still there: it reconnects when a
-    command takes it next. redis-py's own ways (``disconnect(inuse_connections=False)``,
-    ``disconnect_free_connections()``) close them in tasks that start a loop step later,
-    by when a command may have taken one: it closed under the command, a needless 503."""
+async def disconnect_idle(pool: ConnectionPool | ClusterNode) -> None:
+    """Disconnect the idle connections of ``pool`` (a ``ConnectionPool``, or a cluster's
+    ``ClusterNode``), one after another, each only while it is still idle: it reconnects
+    when a command takes it next. redis-py's own ways (``disconnect(inuse_connections=
+    False)``, ``disconnect_free_connections()``) close them in tasks that start a loop step
+    later, by when a command may have taken one: it closed under the command, a needless
+    503. The one place that reads redis-py's private free lists (a test names them)."""
+    idle: Collection[Any] = (pool._free if isinstance(pool, ClusterNode)
+                             else pool._available_connections)
     for connection in list(idle):
         if connection in idle:
             with contextlib.suppress(*FAILURES):
