@@ -38,6 +38,7 @@ class EventId(NamedTuple):
 
 _PAYLOAD = b'{"type":"event","topic":"%s","id":"%s","ts":%d,"data":%s}'
 _PAYLOAD_OVERHEAD = len(_PAYLOAD) - 4 * 2  # its bytes but the four placeholders
+_TS_13_DIGITS = 10 ** 12  # ms timestamps from 2001 to 2286 have 13 digits
 
 
 class Event:
@@ -105,13 +106,17 @@ class Event:
         """Bytes this event costs to keep: its WebSocket JSON frame, the common form
         (worked out once, without building it)."""
         size = self._size
-        if not size:
-            if self._json is not None:
-                length = len(self._json)
-            else:
-                length = (_PAYLOAD_OVERHEAD + len(self.topic) + len(self.id)
-                          + len(str(self.ts)) + len(self._data()))
-            size = self._size = length + (2 if length < 126 else 4 if length < 65536 else 10)
+        if size:
+            return size
+        if self._json is not None:
+            length = len(self._json)
+        else:
+            data, ts = self._data_json, self.ts
+            if data is None:
+                data = self._data()
+            length = (_PAYLOAD_OVERHEAD + len(self.topic) + len(self.id) + len(data)
+                      + (13 if _TS_13_DIGITS <= ts < 10 * _TS_13_DIGITS else len(str(ts))))
+        size = self._size = length + (2 if length < 126 else 4 if length < 65536 else 10)
         return size
 
     def __repr__(self) -> str:

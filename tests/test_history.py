@@ -167,9 +167,10 @@ def test_pattern_since_is_unrecoverable_if_any_matching_topic_lost_events():
 
 @pytest.mark.parametrize("data", [None, 1, "x" * 40, "y" * 200, "z" * 70_000,
                                   {"é": ["ü", 1.5, None]}])
-def test_an_events_size_is_its_websocket_json_frame_worked_out_without_it(data):
+@pytest.mark.parametrize("ts", [1796130000123, 999_999_999_999, 10 ** 13, 7])  # 13 digits, or not
+def test_an_events_size_is_its_websocket_json_frame_worked_out_without_it(data, ts):
     from server.wire import WS_JSON
 
-    event = Event("t.a", f"{EPOCH}-9", 9, 1796130000123, data)
+    event = Event("t.a", f"{EPOCH}-9", 9, ts, data)
     counted = event.size  # before any frame exists
     assert counted == len(event.frame(WS_JSON)) == event.size
