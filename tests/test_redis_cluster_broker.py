@@ -37,7 +37,7 @@ if TYPE_CHECKING:
 pytest_plugins = ["tests.redis_cluster"]
 pytestmark = [pytest.mark.redis, pytest.mark.cluster, pytest.mark.gen_test(timeout=60)]
 
-TIMEOUT = 1.0
+TIMEOUT = 3.0  # a fresh cluster client's first answers take over 1 s on a loaded machine
 
 
 @pytest.fixture
@@ -213,8 +213,7 @@ async def read_monitor(monitor: Any) -> list[tuple[str, list[str]]]:
 async def test_one_listener_connection_per_master_whatever_it_subscribes(
         nodes, redis_cluster: LocalCluster):
     names = [f"many{n}.t" for n in range(30)] + ["many1.*", "many2.>", "*.t"]
-    # (33 subscribes, each confirmed by every master a pattern needs: more than the
-    # 1 s of the others on a loaded machine)
+    # (33 subscribes, each confirmed by every master a pattern needs)
     _, received, _ = await nodes(subscribe=names, timeout=5.0)
     b, _, _ = await nodes()
     # b subscribes nothing but the control and notices channels of the presence slot
