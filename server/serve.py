@@ -17,6 +17,7 @@ import os
 import resource
 import signal
 import socket
+import sys
 import time
 from collections.abc import Callable, Coroutine
 from typing import Any
@@ -48,12 +49,18 @@ _BAD_HOST = {socket.EAI_NONAME, socket.EAI_FAMILY, errno.EADDRNOTAVAIL} | (
     {socket.EAI_NODATA} if hasattr(socket, "EAI_NODATA") else set())
 
 
+def _bad_setting(line: str) -> None:
+    """A bad value found at start, in the one-line form of every other (run.py)."""
+    print(f"squall: {line}", file=sys.stderr)
+
+
 def _cannot_listen(host: str, port: int, port_setting: str, exc: Exception) -> int:
     """Say in one line why the server cannot listen; the exit status: 2 when the host is
     a bad value (no address, or none of this machine's), as for any bad setting."""
     why = exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc)
     if isinstance(exc, UnicodeError) or (isinstance(exc, OSError) and exc.errno in _BAD_HOST):
-        log.error("setting host: cannot listen on %r: %s (--host or SQUALL_HOST)", host, why)
+        _bad_setting(f"setting host = {host!r}: cannot listen on it: {why} (--host or "
+                     "SQUALL_HOST)")
         return 2
     log.error("cannot listen on %s:%s: %s (another port: %s)", host, port, why, port_setting)
     return 1
@@ -65,7 +72,7 @@ def serve(settings: Settings) -> int:
     try:
         extensions.prepare(settings)
     except SettingsError as exc:
-        log.error("%s", exc)
+        _bad_setting(str(exc))
         return 2
     try:
         sockets = bind_sockets(settings.port, settings.host, family=socket.AF_INET

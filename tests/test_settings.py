@@ -290,7 +290,8 @@ def test_a_host_the_server_cannot_listen_on_stops_the_start_with_one_line(host):
     result = run_py("--host", host, "--port", "0", "--log-format", "text")
     assert result.returncode == 2
     [line] = result.stderr.splitlines()
-    assert f"setting host: cannot listen on {host!r}" in line and "--host" in line
+    assert line.startswith(f"squall: setting host = {host!r}: cannot listen on it: ")
+    assert line.endswith("(--host or SQUALL_HOST)")
 
 
 def test_a_bad_hooks_module_stops_the_start_with_one_line(tmp_path):
@@ -299,4 +300,5 @@ def test_a_bad_hooks_module_stops_the_start_with_one_line(tmp_path):
     result = run_py("--config", str(config), "--port", "0")
     assert result.returncode == 2
     [line] = result.stderr.splitlines()
-    assert "setting hooks: module 'no_such_module_here' failed to import" in line
+    assert line.startswith("squall: setting hooks: module 'no_such_module_here' failed to "
+                           "import")
