@@ -206,3 +206,12 @@ async def test_an_integer_of_many_digits_is_refused_in_the_contracts_words(publi
     assert is_json_error(response, 400, "invalid_body")
     message = json.loads(response.body)["error"]["message"]
     assert "64 bits" in message and "sys." not in message, message
+
+
+@pytest.mark.gen_test
+@pytest.mark.parametrize("pad", [0, 5000])  # a long text is checked without counting first
+async def test_depth_is_checked_exactly_in_short_and_long_texts(publish, pad):
+    ok = await publish("depth.t", {"pad": "1" * 30 + "x" * pad, "d": deep(63)})  # 64 levels
+    assert ok.code == 202, ok.body
+    too_deep = await publish("depth.t", {"pad": "1" * 30 + "x" * pad, "d": deep(64)})
+    assert is_json_error(too_deep, 400, "invalid_body")
